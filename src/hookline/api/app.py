@@ -1,0 +1,55 @@
+"""The FastAPI application: routes, problem+json handlers, the body limit, health endpoints."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.responses import Response
+
+from hookline import __version__
+from hookline.api import jobs
+from hookline.api.limits import BodyLimitMiddleware
+from hookline.api.problems import install_problem_handlers, problem
+from hookline.errors import StoreError
+from hookline.gateway import Gateway
+
+
+def create_app(gateway: Gateway, *, manage_gateway: bool = True) -> FastAPI:
+    """The ASGI app serving ``gateway``. With ``manage_gateway`` the app starts and stops it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_gateway:
+            await gateway.start()
+        try:
+            yield
+        finally:
+            if manage_gateway:
+                await gateway.stop()
+
+    app = FastAPI(
+        title="hookline",
+        version=__version__,
+        summary="Asynchronous AI gateway: durable GenAI jobs, delivered your way.",
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    install_problem_handlers(app)
+    app.include_router(jobs.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=gateway.settings.jobs.max_body_bytes)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Readiness: the database answers")
+    async def readyz() -> Response:
+        try:
+            await gateway.store.ping()
+        except StoreError as exc:
+            return problem(503, f"database: {exc}", slug="not-ready")
+        return Response(b'{"status":"ready","database":"ok"}', media_type="application/json")
+
+    return app

@@ -1,0 +1,136 @@
+"""``/v1/jobs``: submit, read, long-poll, list, cancel, and the event log."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Header, Query
+from starlette.responses import Response
+
+from hookline.api.deps import GatewayDep, TenantDep
+from hookline.api.schemas import EventList, JobCreate, JobList, JobOut, event_json, job_json
+from hookline.jobs import JobStatus, Operation
+from hookline.queue import SubmitRequest
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d+(?:\.\d+)?)\"?", re.IGNORECASE)
+_MAX_PAGE = 200
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _prefer_wait(prefer: str | None, cap: float) -> float:
+    if not prefer:
+        return 0.0
+    match = _PREFER_WAIT.search(prefer)
+    return min(float(match.group(1)), cap) if match else 0.0
+
+
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=JobOut,
+    responses={200: {"model": JobOut, "description": "Finished within Prefer: wait=N"}},
+    summary="Submit a job",
+)
+async def submit_job(
+    body: JobCreate,
+    gateway: GatewayDep,
+    tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    prefer: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Queue a job durably and answer ``202`` with it. With ``Prefer: wait=N`` (N ≤ 60) answer
+    ``200`` with the finished job if it finishes within N seconds. A repeated ``Idempotency-Key``
+    with the same body returns the first job; with a different body it is a ``409``."""
+    assert body.model is not None  # filled in by the validator
+    upstream = gateway.settings.upstream_for(body.model)
+    request = SubmitRequest(
+        operation=body.operation,
+        input=body.input,
+        model=body.model,
+        upstream=upstream.name,
+        metadata=body.metadata,
+        priority=body.priority,
+        ttl_seconds=body.ttl_seconds,
+        idempotency_key=idempotency_key or None,
+    )
+    job, _created = await gateway.queue.submit(tenant, request)
+    wait = _prefer_wait(prefer, gateway.settings.jobs.max_wait_seconds)
+    headers = {"Location": f"/v1/jobs/{job.id}"}
+    if wait > 0 and not job.status.is_terminal:
+        job = await gateway.queue.wait_until_terminal(tenant, job.id, wait)
+        headers["Preference-Applied"] = f"wait={wait:g}"
+    return _json(job_json(job), 200 if job.status.is_terminal and wait > 0 else 202, headers)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job (optionally long-poll)")
+async def get_job(
+    job_id: str,
+    gateway: GatewayDep,
+    tenant: TenantDep,
+    wait: Annotated[float, Query(ge=0, description="Long-poll up to N seconds (≤ 60)")] = 0,
+) -> Response:
+    """The job; with ``wait=N``, held until the job is terminal or N seconds have passed."""
+    if wait > 0:
+        job = await gateway.queue.wait_until_terminal(
+            tenant, job_id, min(wait, gateway.settings.jobs.max_wait_seconds)
+        )
+    else:
+        job = await gateway.queue.get(tenant, job_id)
+    return _json(job_json(job))
+
+
+@router.get("/jobs", response_model=JobList, summary="List jobs, newest first")
+async def list_jobs(
+    gateway: GatewayDep,
+    tenant: TenantDep,
+    status: Annotated[list[JobStatus] | None, Query()] = None,
+    operation: Annotated[list[Operation] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=_MAX_PAGE)] = 50,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    """Pages of the tenant's jobs; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    jobs = await gateway.queue.list(
+        tenant,
+        statuses=status or (),
+        operations=[o.value for o in operation or ()],
+        before_id=cursor,
+        limit=limit + 1,
+    )
+    page, has_more = jobs[:limit], len(jobs) > limit
+    return _json(
+        {
+            "object": "list",
+            "data": [job_json(job) for job in page],
+            "has_more": has_more,
+            "next_cursor": page[-1].id if has_more else None,
+        }
+    )
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a job")
+async def cancel_job(job_id: str, gateway: GatewayDep, tenant: TenantDep) -> Response:
+    """Cancel a queued job at once, or abort a running one's upstream call. A job that is already
+    finished is returned unchanged."""
+    return _json(job_json(await gateway.queue.cancel(tenant, job_id)))
+
+
+@router.get("/jobs/{job_id}/events", response_model=EventList, summary="The job's event log")
+async def job_events(
+    job_id: str,
+    gateway: GatewayDep,
+    tenant: TenantDep,
+    after: Annotated[int, Query(ge=0, description="Only events with seq > after")] = 0,
+) -> Response:
+    """The job's events in order, each with its per-job ``seq``."""
+    events = await gateway.queue.events(tenant, job_id, after)
+    return _json({"object": "list", "data": [event_json(event) for event in events]})
+

@@ -1,0 +1,106 @@
+"""RFC 9457 problem+json: every error response is built here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from hookline.errors import (
+    Conflict,
+    HooklineError,
+    InvalidRequest,
+    NotFound,
+    StoreUnavailable,
+    Unauthorized,
+)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    slug: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> Response:
+    body = {
+        "type": f"urn:hookline:problem:{slug or _TITLES.get(status, 'error').lower().replace(' ', '-')}",
+        "title": _TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        **extensions,
+    }
+    return Response(
+        orjson.dumps(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
+    )
+
+
+_ERROR_STATUS: list[tuple[type[HooklineError], int, str]] = [
+    (NotFound, 404, "not-found"),
+    (Conflict, 409, "conflict"),
+    (InvalidRequest, 422, "invalid-request"),
+    (Unauthorized, 401, "unauthorized"),
+    (StoreUnavailable, 503, "database-unavailable"),
+]
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+async def _validation_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(error.get("type") == "json_invalid" for error in errors):
+        message = next(e.get("ctx", {}).get("error", "") for e in errors if e["type"] == "json_invalid")
+        return problem(400, f"the request body is not valid JSON: {message}", slug="malformed-json")
+    details = [{"location": _location(e["loc"]), "message": e["msg"]} for e in errors]
+    summary = "; ".join(f"{d['location']}: {d['message']}" for d in details[:5])
+    return problem(422, summary, slug="validation-error", errors=details)
+
+
+async def _http_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return problem(exc.status_code, detail, headers=exc.headers)
+
+
+async def _hookline_handler(request: Request, exc: Exception) -> Response:
+    for error_type, status, slug in _ERROR_STATUS:
+        if isinstance(exc, error_type):
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            if status == 503:
+                headers = {"Retry-After": "1"}
+            return problem(status, str(exc), slug=slug, headers=headers)
+    return problem(500, "internal error", slug="internal-error")
+
+
+async def _unexpected_handler(request: Request, exc: Exception) -> Response:
+    return problem(500, "internal error; the server log has the details", slug="internal-error")
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(HooklineError, _hookline_handler)
+    app.add_exception_handler(Exception, _unexpected_handler)

@@ -1,0 +1,149 @@
+"""Request models (validated by FastAPI) and the JSON shapes of jobs and events."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hookline.events import Event
+from hookline.jobs import Job, JobStatus, Operation
+
+# What each operation's OpenAI request body must contain at the least.
+_REQUIRED_INPUT = {
+    Operation.CHAT_COMPLETIONS: ("messages", list),
+    Operation.COMPLETIONS: ("prompt", (str, list)),
+    Operation.EMBEDDINGS: ("input", (str, list)),
+}
+
+
+class JobCreate(BaseModel):
+    """A new job: an OpenAI-compatible request body (``input``) for one ``operation``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    operation: Operation
+    input: dict[str, Any] = Field(description="The OpenAI-compatible request body.")
+    model: str | None = Field(
+        default=None, min_length=1, max_length=256, description="Defaults to input.model."
+    )
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
+    priority: int = Field(default=0, ge=-100, le=100, description="Higher runs first.")
+    ttl_seconds: float | None = Field(
+        default=None, gt=0, le=30 * 86400, description="Expire the job if it has not started by then."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> JobCreate:
+        field, kind = _REQUIRED_INPUT[self.operation]
+        value = self.input.get(field)
+        if not isinstance(value, kind) or (isinstance(value, list) and not value):
+            raise ValueError(f"input.{field} is required for {self.operation.value}")
+        if self.model is None:
+            model = self.input.get("model")
+            if not isinstance(model, str) or not model:
+                raise ValueError("model is required (as model or input.model)")
+            self.model = model
+        for key, value in self.metadata.items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError("metadata keys are at most 64 characters and values 512")
+        return self
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    cancel: str
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+    upstream_status: int | None = None
+
+
+class JobOut(BaseModel):
+    """A job as the API shows it."""
+
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    operation: Operation
+    model: str
+    upstream: str
+    input: dict[str, Any]
+    output: dict[str, Any] | None
+    error: JobError | None
+    metadata: dict[str, str]
+    priority: int
+    attempts: int
+    max_attempts: int
+    idempotency_key: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    expires_at: str | None
+    links: JobLinks
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobOut]
+    has_more: bool
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    job_id: str
+    seq: int
+    type: str
+    data: dict[str, Any]
+    created_at: str
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventOut]
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    base = f"/v1/jobs/{job.id}"
+    return {
+        "id": job.id,
+        "object": "job",
+        "status": job.status.value,
+        "operation": job.operation.value,
+        "model": job.model,
+        "upstream": job.upstream,
+        "input": job.input,
+        "output": job.output,
+        "error": job.error,
+        "metadata": job.metadata,
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "idempotency_key": job.idempotency_key,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "expires_at": iso(job.expires_at),
+        "links": {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel"},
+    }
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    return {
+        "job_id": event.job_id,
+        "seq": event.seq,
+        "type": event.type.value,
+        "data": event.data,
+        "created_at": iso(event.created_at),
+    }

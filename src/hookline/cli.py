@@ -1,0 +1,392 @@
+"""The ``hookline`` command: run the gateway, manage keys, and submit and inspect jobs.
+
+A thin layer: server commands turn flags into :class:`~hookline.config.Settings`; client commands
+speak the HTTP API like any other caller. Every flag has a ``HOOKLINE_*`` environment twin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hookline.config import Settings, load_settings
+from hookline.errors import HooklineError
+
+app = typer.Typer(
+    help="hookline: a self-hosted asynchronous AI gateway.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Inspect jobs.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", envvar="HOOKLINE_CONFIG", help="TOML config file.")
+]
+DatabaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        envvar="HOOKLINE_DATABASE_URL",
+        help="sqlite:///file.db or postgresql://… (default: sqlite:///hookline.db)",
+    ),
+]
+HostOpt = Annotated[str | None, typer.Option("--host", envvar="HOOKLINE_HOST")]
+PortOpt = Annotated[int | None, typer.Option("--port", envvar="HOOKLINE_PORT")]
+LogOpt = Annotated[str | None, typer.Option("--log-level", envvar="HOOKLINE_LOG_LEVEL")]
+UrlOpt = Annotated[
+    str, typer.Option("--url", envvar="HOOKLINE_URL", help="The gateway's base URL.")
+]
+KeyOpt = Annotated[
+    str | None, typer.Option("--api-key", envvar="HOOKLINE_API_KEY", help="Your API key.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print raw JSON.")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except HooklineError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _serve_http(settings: Settings, *, run_worker: bool) -> None:
+    import uvicorn
+
+    from hookline.api import create_app
+    from hookline.gateway import Gateway
+
+    _logging(settings.log_level)
+    gateway = Gateway(settings, run_worker=run_worker)
+    config = uvicorn.Config(
+        create_app(gateway),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,  # long-polls and streams are told to reconnect, not waited on
+    )
+    uvicorn.Server(config).run()
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    log_level: LogOpt = None,
+) -> None:
+    """Run the API and the worker in one process (migrating the database first)."""
+    settings = _settings(config, database_url=database_url, host=host, port=port, log_level=log_level)
+    _serve_http(settings, run_worker=True)
+
+
+@app.command("api")
+def api_command(
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    log_level: LogOpt = None,
+) -> None:
+    """Run only the HTTP API (workers run elsewhere against the same database)."""
+    settings = _settings(config, database_url=database_url, host=host, port=port, log_level=log_level)
+    _serve_http(settings, run_worker=False)
+
+
+@app.command()
+def worker(
+    config: ConfigOpt = None, database_url: DatabaseOpt = None, log_level: LogOpt = None
+) -> None:
+    """Run only a worker: claim jobs and call upstreams until SIGTERM, then drain."""
+    from hookline.gateway import Gateway
+
+    settings = _settings(config, database_url=database_url, log_level=log_level)
+    _logging(settings.log_level)
+
+    async def run() -> None:
+        gateway = Gateway(settings, run_worker=True)
+        await gateway.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logging.getLogger("hookline").info("draining: no new claims")
+        await gateway.stop()
+
+    asyncio.run(run())
+
+
+@app.command()
+def migrate(config: ConfigOpt = None, database_url: DatabaseOpt = None) -> None:
+    """Bring the database schema up to date (run once before starting split processes)."""
+    from hookline.store import open_store
+
+    settings = _settings(config, database_url=database_url)
+
+    async def run() -> None:
+        store = await open_store(settings.database_url, migrate=True)
+        await store.close()
+
+    asyncio.run(run())
+    console.print("database is up to date")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option("--tenant", help="The tenant the key acts for.")],
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Create an API key for a tenant and print it (it is stored only as a hash)."""
+    from hookline.auth import KeyRing
+    from hookline.store import open_store
+
+    settings = _settings(config, database_url=database_url)
+
+    async def run() -> str:
+        store = await open_store(settings.database_url, migrate=True)
+        try:
+            return await KeyRing(store).create(tenant)
+        finally:
+            await store.close()
+
+    try:
+        key = asyncio.run(run())
+    except HooklineError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    print(key)
+
+
+# --- client commands ----------------------------------------------------------------------------
+
+
+def _client(url: str, api_key: str | None) -> httpx.Client:
+    if not api_key:
+        err_console.print(
+            "[red]error:[/red] no API key: pass --api-key or set HOOKLINE_API_KEY "
+            "(create one with `hookline keys create --tenant NAME`)"
+        )
+        raise typer.Exit(2)
+    return httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=httpx.Timeout(90.0)
+    )
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        err_console.print(f"[red]error:[/red] cannot reach {client.base_url}: {exc}")
+        raise typer.Exit(1) from exc
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        err_console.print(f"[red]error {response.status_code}:[/red] {detail}")
+        raise typer.Exit(1)
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def output_text(job: dict[str, Any]) -> str | None:
+    """The generated text of a finished job, when it has any."""
+    output = job.get("output") or {}
+    texts = []
+    for choice in output.get("choices") or []:
+        message = choice.get("message") or {}
+        text = message.get("content") if message else choice.get("text")
+        if text:
+            texts.append(text)
+    return "\n".join(texts) if texts else None
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None)
+    for field in ("id", "status", "operation", "model", "upstream", "attempts", "created_at",
+                  "started_at", "finished_at"):  # fmt: skip
+        table.add_row(f"[bold]{field}[/bold]", str(job.get(field)))
+    if job.get("error"):
+        table.add_row("[bold red]error[/bold red]", json.dumps(job["error"]))
+    console.print(table)
+    text = output_text(job)
+    if text is not None:
+        console.print(text)
+    elif job.get("output") is not None:
+        console.print_json(data=job["output"])
+
+
+@app.command()
+def submit(
+    message: Annotated[
+        list[str] | None, typer.Option("--message", "-m", help="A user message (repeatable).")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="The model to call.")] = None,
+    operation: Annotated[str, typer.Option("--operation", "-o")] = "chat.completions",
+    system: Annotated[str | None, typer.Option("--system", help="A system message.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="completions: the prompt.")] = None,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", help="embeddings: a text (repeatable).")
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens")] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", "-f", help="A JSON file: a whole job, or just its input body."),
+    ] = None,
+    metadata: Annotated[
+        list[str] | None, typer.Option("--metadata", help="key=value (repeatable).")
+    ] = None,
+    priority: Annotated[int, typer.Option("--priority")] = 0,
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="With --wait: give up after.")] = 600,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a job, from flags or a JSON file; with --wait, print its result."""
+    job_body = _job_body(file, operation, model, message, system, prompt, text, max_tokens)
+    job_body["priority"] = priority
+    if metadata:
+        job_body["metadata"] = dict(item.split("=", 1) for item in metadata if "=" in item)
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    with _client(url, api_key) as client:
+        job = _call(client, "POST", "/v1/jobs", json=job_body, headers=headers)
+        if wait:
+            job = _wait(client, job, timeout)
+    if as_json:
+        print(json.dumps(job, indent=2))
+    elif wait:
+        if job["status"] == "succeeded":
+            text_out = output_text(job)
+            print(text_out if text_out is not None else json.dumps(job["output"], indent=2))
+        else:
+            err_console.print(f"job {job['id']} {job['status']}: {json.dumps(job.get('error'))}")
+    else:
+        console.print(f"{job['id']} {job['status']}")
+    if wait and job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def _job_body(
+    file: Path | None,
+    operation: str,
+    model: str | None,
+    messages: list[str] | None,
+    system: str | None,
+    prompt: str | None,
+    texts: list[str] | None,
+    max_tokens: int | None,
+) -> dict[str, Any]:
+    if file is not None:
+        try:
+            loaded = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            err_console.print(f"[red]error:[/red] cannot read {file}: {exc}")
+            raise typer.Exit(2) from exc
+        if isinstance(loaded, dict) and "operation" in loaded and "input" in loaded:
+            body: dict[str, Any] = loaded
+        else:
+            body = {"operation": operation, "input": loaded}
+    else:
+        request: dict[str, Any] = {}
+        if operation == "chat.completions":
+            chat = [{"role": "system", "content": system}] if system else []
+            chat += [{"role": "user", "content": m} for m in messages or []]
+            request["messages"] = chat
+        elif operation == "completions":
+            request["prompt"] = prompt or ""
+        else:
+            request["input"] = texts or []
+        if max_tokens is not None:
+            request["max_tokens"] = max_tokens
+        body = {"operation": operation, "input": request}
+    if model:
+        body["model"] = model
+    return body
+
+
+def _wait(client: httpx.Client, job: dict[str, Any], timeout: float) -> dict[str, Any]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    with console.status(f"waiting for {job['id']}…", spinner="dots"):
+        while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+            wait = max(1, min(30, int(deadline - time.monotonic())))
+            job = _call(client, "GET", f"/v1/jobs/{job['id']}", params={"wait": wait})
+    return job
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[list[str] | None, typer.Option("--status")] = None,
+    operation: Annotated[list[str] | None, typer.Option("--operation")] = None,
+    limit: Annotated[int, typer.Option("--limit")] = 20,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List your most recent jobs."""
+    params: dict[str, Any] = {"limit": limit}
+    if status:
+        params["status"] = status
+    if operation:
+        params["operation"] = operation
+    with _client(url, api_key) as client:
+        page = _call(client, "GET", "/v1/jobs", params=params)
+    if as_json:
+        print(json.dumps(page, indent=2))
+        return
+    table = Table("id", "status", "operation", "model", "attempts", "created_at")
+    for job in page["data"]:
+        table.add_row(
+            job["id"], job["status"], job["operation"], job["model"], str(job["attempts"]),
+            job["created_at"],
+        )  # fmt: skip
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Show one job and its output."""
+    with _client(url, api_key) as client:
+        job = _call(client, "GET", f"/v1/jobs/{job_id}")
+    if as_json:
+        print(json.dumps(job, indent=2))
+    else:
+        _print_job(job)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

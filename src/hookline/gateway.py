@@ -1,0 +1,68 @@
+"""Wires the parts together: store, queue, keys, upstreams and (optionally) the worker.
+
+``hookline serve`` runs one Gateway with both the API and the worker; ``hookline api`` and ``hookline
+worker`` run one each, sharing only the database.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hookline.auth import KeyRing
+from hookline.clock import Clock, SystemClock
+from hookline.config import Settings
+from hookline.notify import Notifier
+from hookline.queue import JobQueue
+from hookline.store import SQLStore, open_store
+from hookline.upstreams import build_upstreams
+from hookline.worker import Worker
+
+log = logging.getLogger("hookline")
+
+
+class Gateway:
+    def __init__(
+        self, settings: Settings, *, run_worker: bool = True, clock: Clock | None = None
+    ) -> None:
+        self.settings = settings
+        self.run_worker = run_worker
+        self.clock = clock or SystemClock()
+        self.notifier = Notifier()
+        self._store: SQLStore | None = None
+        self._queue: JobQueue | None = None
+        self._keys: KeyRing | None = None
+        self.worker: Worker | None = None
+
+    @property
+    def store(self) -> SQLStore:
+        assert self._store is not None, "Gateway.start() first"
+        return self._store
+
+    @property
+    def queue(self) -> JobQueue:
+        assert self._queue is not None, "Gateway.start() first"
+        return self._queue
+
+    @property
+    def keys(self) -> KeyRing:
+        assert self._keys is not None, "Gateway.start() first"
+        return self._keys
+
+    async def start(self, *, migrate: bool = True) -> None:
+        self._store = await open_store(self.settings.database_url, migrate=migrate)
+        self._queue = JobQueue(self._store, self.settings, clock=self.clock, notifier=self.notifier)
+        self._keys = KeyRing(self._store, self.clock)
+        if self.run_worker:
+            self.worker = Worker(self._queue, build_upstreams(self.settings), self.settings.worker)
+            await self.worker.start()
+        upstreams = ", ".join(f"{u.name} ({u.type})" for u in self.settings.upstreams) or "none"
+        log.info("hookline started: database %s, upstreams: %s", self._store.dialect, upstreams)
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
+            self.worker = None
+        if self._queue is not None:
+            await self._queue.close()
+        if self._store is not None:
+            await self._store.close()

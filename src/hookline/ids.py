@@ -1,0 +1,47 @@
+"""Sortable, prefixed identifiers (``job_01J…``).
+
+The 26-character body is a ULID: 48 bits of milliseconds then 80 random bits, Crockford base32. Ids made
+in one process are strictly increasing even within a millisecond (the random part is incremented), so
+ordering by id is submission order: the queue's FIFO and the list cursor both rely on it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_RANDOM_BITS = 80
+_lock = threading.Lock()
+_last_ms = 0
+_last_random = 0
+
+
+def _encode(value: int) -> str:
+    chars = []
+    for _ in range(26):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def new_id(prefix: str) -> str:
+    """Return ``prefix_`` plus a new ULID, greater than every id this process made before."""
+    global _last_ms, _last_random
+    with _lock:
+        now_ms = time.time_ns() // 1_000_000
+        if now_ms <= _last_ms:
+            now_ms = _last_ms
+            _last_random += 1
+        else:
+            _last_random = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
+        _last_ms = now_ms
+        value = (now_ms << _RANDOM_BITS) | (_last_random & ((1 << _RANDOM_BITS) - 1))
+    return f"{prefix}_{_encode(value)}"
+
+
+def has_prefix(value: str, prefix: str) -> bool:
+    """True when ``value`` looks like an id this module made with ``prefix``."""
+    body = value.removeprefix(f"{prefix}_")
+    return body != value and len(body) == 26 and all(c in _ALPHABET for c in body)

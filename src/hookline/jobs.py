@@ -1,0 +1,113 @@
+"""The job record and its lifecycle.
+
+A job moves ``queued → running → succeeded | failed``; a retry sends ``running → queued`` again;
+``queued | running → cancelled`` on request and ``queued → expired`` when its TTL passes before it
+starts. Every change of status goes through :func:`check_transition`, and the store applies it with a
+conditional UPDATE so that two actors (a worker finishing, a caller cancelling) can never both win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from hookline.errors import Conflict
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED}
+)
+
+ALLOWED_TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset(
+        {JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.EXPIRED, JobStatus.FAILED}
+    ),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+    ),
+}
+
+
+class Operation(enum.StrEnum):
+    CHAT_COMPLETIONS = "chat.completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+    @property
+    def streams(self) -> bool:
+        """Whether the upstream can stream this operation's output."""
+        return self is not Operation.EMBEDDINGS
+
+
+def check_transition(current: JobStatus, new: JobStatus) -> None:
+    """Raise :class:`Conflict` unless a job may go from ``current`` to ``new``."""
+    if new not in ALLOWED_TRANSITIONS.get(current, frozenset()):
+        raise Conflict(f"a {current.value} job cannot become {new.value}")
+
+
+def sources_for(new: JobStatus) -> frozenset[JobStatus]:
+    """Every status from which a job may move to ``new`` (the WHERE of a conditional UPDATE)."""
+    return frozenset(s for s, targets in ALLOWED_TRANSITIONS.items() if new in targets)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    tenant: str
+    status: JobStatus
+    operation: Operation
+    model: str
+    upstream: str
+    input: dict[str, Any]
+    output: dict[str, Any] | None
+    error: dict[str, Any] | None
+    metadata: dict[str, str]
+    priority: int
+    attempts: int
+    max_attempts: int
+    idempotency_key: str | None
+    request_hash: str | None
+    created_at: int
+    updated_at: int
+    started_at: int | None
+    finished_at: int | None
+    expires_at: int | None
+    run_after: int
+    lease_token: str | None
+    lease_expires_at: int | None
+    event_seq: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Job:
+        values = {f.name: row[f.name] for f in dataclasses.fields(cls)}
+        values["status"] = JobStatus(values["status"])
+        values["operation"] = Operation(values["operation"])
+        values["metadata"] = values["metadata"] or {}
+        return cls(**values)
+
+    def evolve(self, **changes: Any) -> Job:
+        """A copy with ``changes`` applied; a status change must be an allowed transition."""
+        if "status" in changes and changes["status"] != self.status:
+            check_transition(self.status, changes["status"])
+        return dataclasses.replace(self, **changes)
+
+    def as_row(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        row["status"] = self.status.value
+        row["operation"] = self.operation.value
+        return row

@@ -1,0 +1,52 @@
+"""In-process wake-ups by topic, so waiters react at once instead of polling.
+
+Topics used: ``jobs.available`` (a job became runnable: wakes the worker's claim loop),
+``job:<id>`` (the job changed: wakes long-polls) and ``job.cancelled`` (payload: the job id; the
+worker aborts the upstream call). Processes that share a database but not memory fall back to
+polling at ``worker.poll_seconds``; the waits here always take a timeout for that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable
+
+Listener = Callable[[str], None]
+
+
+class Notifier:
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+        self._listeners: defaultdict[str, list[Listener]] = defaultdict(list)
+
+    def publish(self, topic: str, payload: str = "") -> None:
+        """Wake every waiter on ``topic`` and call its listeners with ``payload``."""
+        event = self._events.pop(topic, None)
+        if event is not None:
+            event.set()
+        for listener in list(self._listeners.get(topic, ())):
+            listener(payload)
+
+    async def wait(self, topic: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``topic``; True if it was published meanwhile."""
+        event = self._events.get(topic)
+        if event is None:
+            event = self._events[topic] = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    def subscribe(self, topic: str, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(payload)`` on each publish of ``topic``; returns the unsubscribe call."""
+        self._listeners[topic].append(listener)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners[topic].remove(listener)
+
+        return unsubscribe

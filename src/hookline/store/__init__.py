@@ -1,0 +1,6 @@
+"""Durable storage: the schema, the engines, and the :class:`Store` that all other layers use."""
+
+from hookline.store.base import AcceptOutcome, Store
+from hookline.store.sql import SQLStore, open_store
+
+__all__ = ["AcceptOutcome", "SQLStore", "Store", "open_store"]

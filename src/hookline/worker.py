@@ -1,0 +1,233 @@
+"""The worker: claims queued jobs, runs them against their upstream, and records what happens.
+
+Per upstream it keeps at most ``max_concurrency`` jobs in flight. Each claim takes a fresh lease
+token; a heartbeat renews the leases, and a job whose lease cannot be renewed (cancelled by its
+caller, or taken over after a stall) has its upstream call aborted at once. Streamed output is buffered
+per job and written as one ``job.output.delta`` event per choice every ``delta_flush_seconds``, never
+per token. On stop, the worker claims nothing more, lets running jobs finish for ``drain_seconds``,
+then puts the rest back in the queue without counting the attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections import Counter
+from typing import Any
+
+from hookline.config import WorkerConfig
+from hookline.errors import StoreError
+from hookline.events import EventType, NewEvent
+from hookline.ids import new_id
+from hookline.jobs import Job
+from hookline.queue import JOB_CANCELLED, JOBS_AVAILABLE, JobQueue, UpstreamFailure
+from hookline.upstreams.base import Upstream, UpstreamError
+
+log = logging.getLogger("hookline.worker")
+_CLAIM_BATCH = 100
+
+
+@dataclasses.dataclass
+class RunningJob:
+    job: Job
+    lease_token: str
+    task: asyncio.Task[None] | None = None
+    pending: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+    releasing: bool = False
+
+    def add_delta(self, index: int, text: str) -> None:
+        self.pending.setdefault(index, []).append(text)
+
+    def take_deltas(self) -> list[NewEvent]:
+        if not self.pending:
+            return []
+        pending, self.pending = self.pending, {}
+        return [
+            NewEvent(
+                EventType.OUTPUT_DELTA,
+                {"attempt": self.job.attempts, "index": index, "text": "".join(parts)},
+            )
+            for index, parts in sorted(pending.items())
+        ]
+
+
+class Worker:
+    def __init__(
+        self, queue: JobQueue, upstreams: dict[str, Upstream], config: WorkerConfig
+    ) -> None:
+        self.queue = queue
+        self.upstreams = upstreams
+        self.config = config
+        self.running: dict[str, RunningJob] = {}
+        self._active: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loops: list[asyncio.Task[None]] = []
+        self._unsubscribe: list[Any] = []
+
+    async def start(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.start()
+        notifier = self.queue.notifier
+        self._unsubscribe = [
+            notifier.subscribe(JOBS_AVAILABLE, lambda _: self._wake.set()),
+            notifier.subscribe(JOB_CANCELLED, self._abort),
+        ]
+        self._loops = [
+            asyncio.create_task(self._claim_loop(), name="hookline-claim"),
+            asyncio.create_task(self._flush_loop(), name="hookline-flush"),
+            asyncio.create_task(self._heartbeat_loop(), name="hookline-heartbeat"),
+            asyncio.create_task(self._maintenance_loop(), name="hookline-maintenance"),
+        ]
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: claim nothing more, wait up to ``grace`` seconds, requeue what is still running."""
+        grace = self.config.drain_seconds if grace is None else grace
+        self._stopping = True
+        self._wake.set()
+        await asyncio.gather(self._loops[0], return_exceptions=True)  # let a claim in flight land
+        tasks = [r.task for r in self.running.values() if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        for running in list(self.running.values()):
+            running.releasing = True
+            if running.task is not None:
+                running.task.cancel()
+        leftovers = [r.task for r in self.running.values() if r.task is not None]
+        if leftovers:
+            await asyncio.wait(leftovers)
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        for upstream in self.upstreams.values():
+            await upstream.close()
+
+    # --- loops ------------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            more = False
+            for name in self.upstreams:
+                try:
+                    more |= await self._claim_for(name)
+                except StoreError as exc:
+                    log.warning("claiming jobs failed: %s", exc)
+            if not more:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.poll_seconds):
+                        await self._wake.wait()
+
+    async def _claim_for(self, name: str) -> bool:
+        free = self.upstreams[name].config.max_concurrency - self._active[name]
+        if free <= 0:
+            return False
+        want = min(free, _CLAIM_BATCH)
+        token = new_id("lease")
+        jobs = await self.queue.claim(name, want, token)
+        for job in jobs:
+            running = RunningJob(job, token)
+            self.running[job.id] = running
+            self._active[name] += 1
+            running.task = asyncio.create_task(self._execute(running), name=f"job-{job.id}")
+        return len(jobs) == want
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.delta_flush_seconds)
+            for running in list(self.running.values()):
+                try:
+                    await self._flush(running)
+                except StoreError as exc:
+                    log.warning("writing output deltas of %s failed: %s", running.job.id, exc)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_seconds)
+            by_token: dict[str, list[str]] = {}
+            for job_id, running in self.running.items():
+                by_token.setdefault(running.lease_token, []).append(job_id)
+            for token, ids in by_token.items():
+                try:
+                    held = await self.queue.renew_leases(ids, token)
+                except StoreError as exc:
+                    log.warning("renewing leases failed: %s", exc)
+                    continue
+                for job_id in set(ids) - held:
+                    self._abort(job_id)
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            try:
+                await self.queue.expire_overdue()
+                await self.queue.recover_lapsed_leases()
+            except StoreError as exc:
+                log.warning("queue maintenance failed: %s", exc)
+            await asyncio.sleep(self.config.maintenance_seconds)
+
+    # --- one job ------------------------------------------------------------------------------------
+
+    def _abort(self, job_id: str) -> None:
+        """Stop working on a job that is no longer ours (cancelled, or its lease was lost)."""
+        running = self.running.get(job_id)
+        if running is not None and running.task is not None and not running.releasing:
+            running.task.cancel()
+
+    async def _flush(self, running: RunningJob) -> None:
+        deltas = running.take_deltas()
+        if deltas and not await self.queue.add_output_deltas(
+            running.job, running.lease_token, deltas
+        ):
+            self._abort(running.job.id)
+
+    async def _execute(self, running: RunningJob) -> None:
+        job, token = running.job, running.lease_token
+        try:
+            await self._attempt(running)
+        except asyncio.CancelledError:
+            if running.releasing:
+                await _quietly(self.queue.release(job, token, "worker stopped; job requeued"))
+        finally:
+            self.running.pop(job.id, None)
+            self._active[job.upstream] -= 1
+            self._wake.set()
+
+    async def _attempt(self, running: RunningJob) -> None:
+        job, token = running.job, running.lease_token
+        upstream = self.upstreams.get(job.upstream)
+        if upstream is None:
+            failure = UpstreamFailure("upstream_unknown", f"no upstream named {job.upstream!r}")
+            await _quietly(self.queue.fail(job, token, failure))
+            return
+        body = {**job.input, "model": job.model}
+        try:
+            output = await upstream.run(job.operation, body, running.add_delta)
+        except UpstreamError as exc:
+            await _quietly(self._flush(running))
+            failure = UpstreamFailure(
+                exc.type, exc.message, exc.status, exc.retryable, exc.retry_after, exc.body
+            )
+            await _quietly(self.queue.fail(job, token, failure))
+            return
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            log.exception("job %s: unexpected error from upstream %s", job.id, job.upstream)
+            failure = UpstreamFailure("internal_error", f"{type(exc).__name__}: {exc}", None, True)
+            await _quietly(self.queue.fail(job, token, failure))
+            return
+        await _quietly(self._flush(running))
+        await _quietly(self.queue.succeed(job, token, output))
+
+
+async def _quietly(awaitable: Any) -> None:
+    """Run a store write whose failure must not kill the worker: the lease will lapse and the
+    job be recovered, so logging is the right response."""
+    try:
+        await awaitable
+    except StoreError as exc:
+        log.warning("store write failed, the job will be recovered when its lease lapses: %s", exc)
