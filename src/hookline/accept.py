@@ -33,8 +33,7 @@ class AcceptBatcher:
         """Write what is queued, then stop."""
         if self._task is None:
             return
-        while not self._queue.empty():
-            await asyncio.sleep(0.01)
+        await self._queue.join()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -58,7 +57,9 @@ class AcceptBatcher:
                 for _, _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
-                continue
-            for (_, _, future), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():
-                    future.set_result(outcome)
+            else:
+                for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
+            for _ in batch:
+                self._queue.task_done()

@@ -40,9 +40,7 @@ class KeyRing:
     async def create(self, tenant: str) -> str:
         """Create and return a new key for ``tenant`` (the only time the key itself is seen)."""
         if not TENANT_PATTERN.match(tenant):
-            raise InvalidRequest(
-                "tenant names are 1-64 characters: letters, digits, '_', '.', '-'"
-            )
+            raise InvalidRequest("tenant names are 1-64 characters: letters, digits, '_', '.', '-'")
         key = generate_key()
         await self.store.insert_api_key(
             new_id("key"), tenant, hash_key(key), key[:10], self.clock.now_ms()

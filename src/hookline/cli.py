@@ -100,7 +100,9 @@ def serve(
     log_level: LogOpt = None,
 ) -> None:
     """Run the API and the worker in one process (migrating the database first)."""
-    settings = _settings(config, database_url=database_url, host=host, port=port, log_level=log_level)
+    settings = _settings(
+        config, database_url=database_url, host=host, port=port, log_level=log_level
+    )
     _serve_http(settings, run_worker=True)
 
 
@@ -113,7 +115,9 @@ def api_command(
     log_level: LogOpt = None,
 ) -> None:
     """Run only the HTTP API (workers run elsewhere against the same database)."""
-    settings = _settings(config, database_url=database_url, host=host, port=port, log_level=log_level)
+    settings = _settings(
+        config, database_url=database_url, host=host, port=port, log_level=log_level
+    )
     _serve_http(settings, run_worker=False)
 
 
@@ -183,7 +187,7 @@ def keys_create(
     print(key)
 
 
-# --- client commands ----------------------------------------------------------------------------
+# --- client commands
 
 
 def _client(url: str, api_key: str | None) -> httpx.Client:

@@ -92,7 +92,9 @@ class Settings(_Section):
     database_url: str = DEFAULT_DATABASE_URL
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    local_model: bool = True  # add the bundled model as upstream "local" when the extra is installed
+    local_model: bool = (
+        True  # add the bundled model as upstream "local" when the extra is installed
+    )
     log_level: str = "info"
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)

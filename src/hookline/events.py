@@ -54,7 +54,7 @@ class Event:
     created_at: int
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Event:
+    def from_row(cls, row: Mapping[Any, Any]) -> Event:
         return cls(
             id=row["id"],
             job_id=row["job_id"],

@@ -93,7 +93,7 @@ class Job:
     event_seq: int
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Job:
+    def from_row(cls, row: Mapping[Any, Any]) -> Job:
         values = {f.name: row[f.name] for f in dataclasses.fields(cls)}
         values["status"] = JobStatus(values["status"])
         values["operation"] = Operation(values["operation"])

@@ -96,7 +96,7 @@ class JobQueue:
     async def close(self) -> None:
         await self._writer.stop()
 
-    # --- the caller's side ----------------------------------------------------------------------
+    # --- the caller's side
 
     async def submit(self, tenant: str, request: SubmitRequest) -> tuple[Job, bool]:
         """Durably queue a job. Returns ``(job, created)``: ``created`` is False for a replayed
@@ -159,7 +159,7 @@ class JobQueue:
             raise NotFound(f"no job {job_id!r}")
         return job
 
-    async def list(
+    async def list_jobs(
         self,
         tenant: str,
         *,
@@ -206,7 +206,7 @@ class JobQueue:
         self.notifier.publish(JOB_CANCELLED, job_id)
         return result.job
 
-    # --- the worker's side ----------------------------------------------------------------------
+    # --- the worker's side
 
     async def claim(self, upstream: str, limit: int, lease_token: str) -> list[Job]:
         now = self.clock.now_ms()
@@ -251,8 +251,7 @@ class JobQueue:
         if failure.retryable and job.attempts < job.max_attempts:
             delay = self.retry_delay(job.attempts, failure.retry_after)
             message = (
-                f"attempt {job.attempts} failed ({failure.message}); "
-                f"retrying in {delay:.1f} s"
+                f"attempt {job.attempts} failed ({failure.message}); retrying in {delay:.1f} s"
             )
             result = await self.store.transition(
                 job.id,
@@ -268,9 +267,7 @@ class JobQueue:
                 lease_token=lease_token,
             )
             if result is not None:
-                asyncio.get_running_loop().call_later(
-                    delay, self.notifier.publish, JOBS_AVAILABLE
-                )
+                asyncio.get_running_loop().call_later(delay, self.notifier.publish, JOBS_AVAILABLE)
             return self._published(result)
         result = await self.store.transition(
             job.id,
@@ -313,7 +310,9 @@ class JobQueue:
                 JobStatus.EXPIRED,
                 now=now,
                 changes={"finished_at": now},
-                events=[NewEvent(EventType.EXPIRED, {"reason": "ttl passed before the job started"})],
+                events=[
+                    NewEvent(EventType.EXPIRED, {"reason": "ttl passed before the job started"})
+                ],
             )
             if self._published(result) is not None:
                 expired += 1
@@ -338,7 +337,7 @@ class JobQueue:
         jobs = self.settings.jobs
         backoff = min(jobs.retry_max_seconds, jobs.retry_base_seconds * 2 ** (attempt - 1))
         backoff *= random.uniform(0.8, 1.2)
-        return max(backoff, retry_after or 0.0)
+        return float(max(backoff, retry_after or 0.0))
 
     @property
     def _lease_ms(self) -> int:

@@ -83,7 +83,7 @@ class Worker:
         ]
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: claim nothing more, wait up to ``grace`` seconds, requeue what is still running."""
+        """Drain: claim nothing more, wait up to ``grace`` seconds, requeue what still runs."""
         grace = self.config.drain_seconds if grace is None else grace
         self._stopping = True
         self._wake.set()
@@ -106,7 +106,7 @@ class Worker:
         for upstream in self.upstreams.values():
             await upstream.close()
 
-    # --- loops ------------------------------------------------------------------------------------
+    # --- loops
 
     async def _claim_loop(self) -> None:
         while not self._stopping:
@@ -169,7 +169,7 @@ class Worker:
                 log.warning("queue maintenance failed: %s", exc)
             await asyncio.sleep(self.config.maintenance_seconds)
 
-    # --- one job ------------------------------------------------------------------------------------
+    # --- one job
 
     def _abort(self, job_id: str) -> None:
         """Stop working on a job that is no longer ours (cancelled, or its lease was lost)."""

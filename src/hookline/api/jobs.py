@@ -98,7 +98,7 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Response:
     """Pages of the tenant's jobs; pass ``next_cursor`` back as ``cursor`` for the next page."""
-    jobs = await gateway.queue.list(
+    jobs = await gateway.queue.list_jobs(
         tenant,
         statuses=status or (),
         operations=[o.value for o in operation or ()],
@@ -133,4 +133,3 @@ async def job_events(
     """The job's events in order, each with its per-job ``seq``."""
     events = await gateway.queue.events(tenant, job_id, after)
     return _json({"object": "list", "data": [event_json(event) for event in events]})
-

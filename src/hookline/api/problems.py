@@ -72,7 +72,9 @@ async def _validation_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     if any(error.get("type") == "json_invalid" for error in errors):
-        message = next(e.get("ctx", {}).get("error", "") for e in errors if e["type"] == "json_invalid")
+        message = next(
+            e.get("ctx", {}).get("error", "") for e in errors if e["type"] == "json_invalid"
+        )
         return problem(400, f"the request body is not valid JSON: {message}", slug="malformed-json")
     details = [{"location": _location(e["loc"]), "message": e["msg"]} for e in errors]
     summary = "; ".join(f"{d['location']}: {d['message']}" for d in details[:5])
@@ -82,7 +84,7 @@ async def _validation_handler(request: Request, exc: Exception) -> Response:
 async def _http_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return problem(exc.status_code, detail, headers=exc.headers)
+    return problem(exc.status_code, detail, headers=dict(exc.headers or {}))
 
 
 async def _hookline_handler(request: Request, exc: Exception) -> Response:

@@ -11,7 +11,7 @@ from hookline.events import Event
 from hookline.jobs import Job, JobStatus, Operation
 
 # What each operation's OpenAI request body must contain at the least.
-_REQUIRED_INPUT = {
+_REQUIRED_INPUT: dict[Operation, tuple[str, type | tuple[type, ...]]] = {
     Operation.CHAT_COMPLETIONS: ("messages", list),
     Operation.COMPLETIONS: ("prompt", (str, list)),
     Operation.EMBEDDINGS: ("input", (str, list)),
@@ -31,7 +31,10 @@ class JobCreate(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
     priority: int = Field(default=0, ge=-100, le=100, description="Higher runs first.")
     ttl_seconds: float | None = Field(
-        default=None, gt=0, le=30 * 86400, description="Expire the job if it has not started by then."
+        default=None,
+        gt=0,
+        le=30 * 86400,
+        description="Expire the job if it has not started by then.",
     )
 
     @model_validator(mode="after")

@@ -80,7 +80,9 @@ class Store(abc.ABC):
         """The tenant's jobs, newest first, strictly older than ``before_id`` when given."""
 
     @abc.abstractmethod
-    async def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]: ...
+    async def list_events(
+        self, job_id: str, after_seq: int = 0, limit: int = 1000
+    ) -> list[Event]: ...
 
     @abc.abstractmethod
     async def claim_jobs(

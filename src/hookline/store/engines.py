@@ -88,7 +88,9 @@ def create_engines(url: str) -> Engines:
     driver_url = async_url(url)
     if driver_url.startswith("sqlite"):
         return Engines(
-            "sqlite", _sqlite_engine(driver_url, writer=True), _sqlite_engine(driver_url, writer=False)
+            "sqlite",
+            _sqlite_engine(driver_url, writer=True),
+            _sqlite_engine(driver_url, writer=False),
         )
     engine = create_async_engine(
         driver_url,

@@ -19,7 +19,7 @@ from hookline.store.base import AcceptOutcome, Store, Transitioned
 from hookline.store.engines import Engines, create_engines
 from hookline.store.schema import api_keys, events, jobs
 
-# --- named statements -------------------------------------------------------------------------
+# --- named statements
 
 
 def _claimable_ids(upstream: str, limit: int, now: int) -> sa.Select[tuple[str]]:
@@ -95,9 +95,15 @@ def _bump_seq_if_held(job_id: str, lease_token: str, n_events: int, now: int) ->
 
 _insert_events = sa.insert(events).returning(*events.c)
 
-# --- error translation ------------------------------------------------------------------------
+# --- error translation
 
-_UNAVAILABLE_MARKERS = ("connection", "could not connect", "database is locked", "closed", "timeout")
+_UNAVAILABLE_MARKERS = (
+    "connection",
+    "could not connect",
+    "database is locked",
+    "closed",
+    "timeout",
+)
 
 
 def _translate(exc: BaseException) -> StoreError:
@@ -251,7 +257,9 @@ class SQLStore(Store):
         if limit <= 0:
             return []
         async with self._write() as conn:
-            statement = _claim(_claimable_ids(upstream, limit, now), now, lease_token, lease_expires_at)
+            statement = _claim(
+                _claimable_ids(upstream, limit, now), now, lease_token, lease_expires_at
+            )
             claimed = [Job.from_row(row) for row in (await conn.execute(statement)).mappings()]
             if not claimed:
                 return []

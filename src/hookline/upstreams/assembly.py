@@ -66,7 +66,9 @@ class StreamAssembler:
 
     def result(self) -> dict[str, Any]:
         choices = [self._choice(self.choices[i]) for i in sorted(self.choices)]
-        obj = "chat.completion" if self.operation is Operation.CHAT_COMPLETIONS else "text_completion"
+        obj = (
+            "chat.completion" if self.operation is Operation.CHAT_COMPLETIONS else "text_completion"
+        )
         result: dict[str, Any] = {
             "id": self.header.get("id"),
             "object": obj,

@@ -37,9 +37,7 @@ class UpstreamError(Exception):
         self.body = body
 
     @classmethod
-    def from_status(
-        cls, status: int, body: Any, retry_after: float | None = None
-    ) -> UpstreamError:
+    def from_status(cls, status: int, body: Any, retry_after: float | None = None) -> UpstreamError:
         message = _error_message(body) or f"upstream answered HTTP {status}"
         return cls(
             "upstream_error",
@@ -66,10 +64,10 @@ class Upstream(abc.ABC):
         self.config = config
         self.name = config.name
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (optional hook)
         """Acquire what the upstream needs (connections, a loaded model)."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release it again."""
 
     @abc.abstractmethod

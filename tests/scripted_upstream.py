@@ -1,0 +1,245 @@
+"""A scripted OpenAI-compatible server on loopback, for testing how hookline meets upstream faults.
+
+Each model name has a script: a list of steps, one consumed per request (the last one repeats). With no
+script, a model answers by echoing the last user message. Steps reproduce what real upstreams do:
+answer (streamed or not, with a slow first token or slow tokens), an error status with Retry-After,
+a connection dropped mid-stream, a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import socket
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclasses.dataclass
+class Reply:
+    text: str | None = None  # default: echo of the last user message
+    chunks: int = 4  # how many pieces a streamed answer is cut into
+    first_token_delay: float = 0.0
+    token_delay: float = 0.0
+
+
+@dataclasses.dataclass
+class Status:
+    status: int
+    retry_after: str | None = None
+    message: str = "scripted failure"
+
+
+@dataclasses.dataclass
+class Drop:
+    after_chunks: int = 2  # stream this many chunks of the echo, then cut the connection
+
+
+@dataclasses.dataclass
+class Hang:
+    seconds: float = 3600.0
+
+
+Step = Reply | Status | Drop | Hang
+
+
+@dataclasses.dataclass
+class Seen:
+    model: str
+    body: dict[str, Any]
+    at: float
+    aborted: bool = False
+
+
+class ScriptedUpstream:
+    def __init__(self) -> None:
+        self.scripts: dict[str, list[Step]] = {}
+        self.requests: list[Seen] = []
+        self.counts: defaultdict[str, int] = defaultdict(int)
+        self.active = 0
+        self.max_active = 0
+        self.base_url = ""
+        self._runner: web.AppRunner | None = None
+
+    def script(self, model: str, *steps: Step) -> None:
+        self.scripts[model] = list(steps)
+
+    def seen(self, model: str) -> list[Seen]:
+        return [r for r in self.requests if r.model == model]
+
+    def _next_step(self, model: str) -> Step:
+        steps = self.scripts.get(model)
+        if not steps:
+            return Reply()
+        return steps.pop(0) if len(steps) > 1 else steps[0]
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._completion)
+        app.router.add_post("/v1/completions", self._completion)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        return app
+
+    async def start(self) -> str:
+        self._runner = web.AppRunner(
+            self.app(), handle_signals=False, handler_cancellation=True, shutdown_timeout=0.5
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.Server)
+        port = server.sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(Seen(body.get("model", ""), body, time.monotonic()))
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [
+            {"object": "embedding", "index": i, "embedding": [float(len(str(text))), 0.5, -0.5]}
+            for i, text in enumerate(inputs)
+        ]
+        return web.json_response(
+            {"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+        )
+
+    async def _completion(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        model = body.get("model", "")
+        seen = Seen(model, body, time.monotonic())
+        self.requests.append(seen)
+        self.counts[model] += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            return await self._answer(request, body, self._next_step(model))
+        except (asyncio.CancelledError, ConnectionResetError):
+            seen.aborted = True
+            raise
+        finally:
+            self.active -= 1
+
+    async def _answer(self, request: web.Request, body: dict[str, Any], step: Step) -> web.StreamResponse:
+        chat = request.path.endswith("/chat/completions")
+        if isinstance(step, Hang):
+            await asyncio.sleep(step.seconds)
+            step = Reply()
+        if isinstance(step, Status):
+            headers = {"Retry-After": step.retry_after} if step.retry_after else {}
+            return web.json_response(
+                {"error": {"message": step.message, "type": "scripted", "code": step.status}},
+                status=step.status,
+                headers=headers,
+            )
+        text = (step.text if isinstance(step, Reply) else None) or _echo(body, chat)
+        pieces = _split(text, step.chunks if isinstance(step, Reply) else 4)
+        if not body.get("stream"):
+            if isinstance(step, Reply) and step.first_token_delay:
+                await asyncio.sleep(step.first_token_delay)
+            return web.json_response(_whole(body, text, chat))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i, piece in enumerate(pieces):
+            if isinstance(step, Drop) and i == step.after_chunks:
+                assert request.transport is not None
+                request.transport.close()  # the connection breaks mid-stream
+                return response
+            if isinstance(step, Reply):
+                await asyncio.sleep(step.first_token_delay if i == 0 else step.token_delay)
+            await response.write(_sse(_chunk(body, piece, chat, i == 0)))
+        await response.write(_sse(_chunk(body, "", chat, False, finish="stop")))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)}
+            await response.write(_sse({**_chunk(body, "", chat, False), "choices": [], "usage": usage}))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+def _echo(body: dict[str, Any], chat: bool) -> str:
+    if chat:
+        messages = body.get("messages") or [{}]
+        return f"echo: {messages[-1].get('content', '')}"
+    return f"echo: {body.get('prompt', '')}"
+
+
+def _split(text: str, n: int) -> list[str]:
+    n = max(1, min(n, len(text)))
+    size = -(-len(text) // n)
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+def _chunk(body: dict[str, Any], piece: str, chat: bool, first: bool, finish: str | None = None) -> dict[str, Any]:
+    if chat:
+        delta: dict[str, Any] = {"content": piece} if piece else {}
+        if first:
+            delta["role"] = "assistant"
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}
+        obj = "text_completion"
+    return {"id": "scripted-1", "object": obj, "created": 1700000000, "model": body.get("model"), "choices": [choice]}
+
+
+def _whole(body: dict[str, Any], text: str, chat: bool) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "stop",
+            "logprobs": None,
+        }
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+        obj = "text_completion"
+    return {
+        "id": "scripted-1",
+        "object": obj,
+        "created": 1700000000,
+        "model": body.get("model"),
+        "choices": [choice],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+
+
+class ThreadedUpstream:
+    """The scripted server on its own thread and loop, for tests whose gateway is another process."""
+
+    def __init__(self) -> None:
+        self.upstream = ScriptedUpstream()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> ScriptedUpstream:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.upstream.start(), self._loop).result(10)
+        return self.upstream
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.upstream.stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
