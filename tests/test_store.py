@@ -1,0 +1,189 @@
+"""The storage contract: the same assertions on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from hookline.errors import StoreUnavailable
+from hookline.events import EventType, NewEvent
+from hookline.ids import new_id
+from hookline.jobs import Job, JobStatus, Operation
+from hookline.store import SQLStore, open_store
+
+NOW = 1_800_000_000_000
+
+
+def make_job(tenant: str = "acme", *, priority: int = 0, key: str | None = None, **changes: object) -> Job:
+    job = Job(
+        id=new_id("job"),
+        tenant=tenant,
+        status=JobStatus.QUEUED,
+        operation=Operation.CHAT_COMPLETIONS,
+        model="m",
+        upstream="u",
+        input={"messages": [{"role": "user", "content": "hi"}]},
+        output=None,
+        error=None,
+        metadata={"team": "x"},
+        priority=priority,
+        attempts=0,
+        max_attempts=3,
+        idempotency_key=key,
+        request_hash="h" if key else None,
+        created_at=NOW,
+        updated_at=NOW,
+        started_at=None,
+        finished_at=None,
+        expires_at=None,
+        run_after=NOW,
+        lease_token=None,
+        lease_expires_at=None,
+        event_seq=1,
+    )
+    return job.evolve(**changes) if changes else job
+
+
+QUEUED = NewEvent(EventType.QUEUED, {})
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[SQLStore]:
+    store = await open_store(database_url, migrate=False)
+    yield store
+    await store.close()
+
+
+async def claim(store: SQLStore, limit: int = 10, now: int = NOW, token: str = "lease_a") -> list[Job]:
+    claimed = await store.claim_jobs("u", limit, now=now, lease_token=token, lease_expires_at=now + 30_000)
+    return [c.job for c in claimed]
+
+
+async def test_insert_and_read_back(store: SQLStore) -> None:
+    job = make_job()
+    [outcome] = await store.insert_jobs([(job, QUEUED)])
+    assert not outcome.duplicate and outcome.event is not None and outcome.event.seq == 1
+    assert await store.get_job(job.id) == job
+    assert await store.get_job(job.id, "acme") == job
+    assert await store.get_job(job.id, "globex") is None
+    [event] = await store.list_events(job.id)
+    assert event.type is EventType.QUEUED and event.tenant == "acme"
+
+
+async def test_batch_with_a_duplicate_key_inserts_the_rest(store: SQLStore) -> None:
+    first = make_job(key="k1")
+    await store.insert_jobs([(first, QUEUED)])
+    batch = [make_job(), make_job(key="k1"), make_job(key="k2"), make_job("globex", key="k1")]
+    outcomes = await store.insert_jobs([(job, QUEUED) for job in batch])
+    assert [o.duplicate for o in outcomes] == [False, True, False, False]
+    assert await store.get_job(batch[1].id) is None
+    assert (await store.find_job_by_idempotency_key("acme", "k1")) == first
+    assert len(await store.list_jobs("acme")) == 3
+
+
+async def test_claim_takes_priority_then_fifo_and_skips_future_and_expired(store: SQLStore) -> None:
+    low_old = make_job()
+    high = make_job(priority=5)
+    low_new = make_job()
+    later = make_job(run_after=NOW + 60_000)
+    expired = make_job(expires_at=NOW - 1)
+    other_upstream = make_job(upstream="v")
+    await store.insert_jobs([(j, QUEUED) for j in (low_old, high, low_new, later, expired, other_upstream)])
+    claimed = await claim(store)
+    assert [j.id for j in claimed] == [high.id, low_old.id, low_new.id]
+    for job in claimed:
+        assert job.status is JobStatus.RUNNING and job.attempts == 1 and job.event_seq == 2
+        assert job.lease_token == "lease_a" and job.started_at == NOW
+        assert [e.type for e in await store.list_events(job.id)] == [EventType.QUEUED, EventType.STARTED]
+    assert await claim(store) == []
+    assert [j.id for j in await claim(store, now=NOW + 60_000)] == [later.id]
+    assert await store.ids_past_ttl(NOW, 10) == [expired.id]
+
+
+async def test_concurrent_claims_never_share_a_job(store: SQLStore) -> None:
+    jobs = [make_job() for _ in range(40)]
+    await store.insert_jobs([(j, QUEUED) for j in jobs])
+    results = await asyncio.gather(*(claim(store, 7, token=f"lease_{i}") for i in range(8)))
+    claimed = [job.id for batch in results for job in batch]
+    assert sorted(claimed) == sorted(j.id for j in jobs)
+
+
+async def test_transition_is_conditional_so_one_terminal_event_wins(store: SQLStore) -> None:
+    job = make_job()
+    await store.insert_jobs([(job, QUEUED)])
+    [running] = await claim(store)
+    cancelled = await store.transition(
+        job.id, JobStatus.CANCELLED, now=NOW, events=[NewEvent(EventType.CANCELLED, {})], tenant="acme"
+    )
+    assert cancelled is not None and cancelled.job.status is JobStatus.CANCELLED
+    assert cancelled.events[0].seq == 3
+    succeeded = await store.transition(
+        job.id,
+        JobStatus.SUCCEEDED,
+        now=NOW,
+        changes={"output": {"x": 1}},
+        events=[NewEvent(EventType.SUCCEEDED, {})],
+        lease_token=running.lease_token,
+    )
+    assert succeeded is None
+    final = await store.get_job(job.id)
+    assert final is not None and final.status is JobStatus.CANCELLED and final.output is None
+    types = [e.type for e in await store.list_events(job.id)]
+    assert types == [EventType.QUEUED, EventType.STARTED, EventType.CANCELLED]
+
+
+async def test_foreign_tenant_cannot_transition(store: SQLStore) -> None:
+    job = make_job()
+    await store.insert_jobs([(job, QUEUED)])
+    assert await store.transition(job.id, JobStatus.CANCELLED, now=NOW, tenant="globex") is None
+    assert (await store.get_job(job.id)).status is JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+async def test_events_need_the_current_lease(store: SQLStore) -> None:
+    job = make_job()
+    await store.insert_jobs([(job, QUEUED)])
+    await claim(store, token="lease_a")
+    deltas = [NewEvent(EventType.OUTPUT_DELTA, {"text": t}) for t in ("a", "b")]
+    appended = await store.append_events(job.id, "lease_a", deltas, NOW)
+    assert appended is not None and [e.seq for e in appended] == [3, 4]
+    assert await store.append_events(job.id, "lease_b", deltas, NOW) is None
+    assert len(await store.list_events(job.id)) == 4
+    assert [e.seq for e in await store.list_events(job.id, after_seq=2)] == [3, 4]
+
+
+async def test_leases_renew_and_lapse(store: SQLStore) -> None:
+    a, b = make_job(), make_job()
+    await store.insert_jobs([(a, QUEUED), (b, QUEUED)])
+    await claim(store, token="lease_a")
+    held = await store.renew_leases([a.id, b.id], "lease_a", NOW + 90_000, NOW)
+    assert held == {a.id, b.id}
+    assert await store.renew_leases([a.id], "lease_other", NOW + 90_000, NOW) == set()
+    assert await store.lapsed_leases(NOW + 60_000, 10) == []
+    lapsed = await store.lapsed_leases(NOW + 90_001, 10)
+    assert {j.id for j in lapsed} == {a.id, b.id}
+
+
+async def test_list_is_per_tenant_newest_first_with_filters(store: SQLStore) -> None:
+    jobs = [make_job() for _ in range(5)] + [make_job("globex")]
+    embed = make_job(operation=Operation.EMBEDDINGS)
+    await store.insert_jobs([(j, QUEUED) for j in [*jobs, embed]])
+    listed = await store.list_jobs("acme", limit=3)
+    assert [j.id for j in listed] == [embed.id, jobs[4].id, jobs[3].id]
+    older = await store.list_jobs("acme", before_id=jobs[3].id)
+    assert [j.id for j in older] == [jobs[2].id, jobs[1].id, jobs[0].id]
+    assert [j.id for j in await store.list_jobs("acme", operations=["embeddings"])] == [embed.id]
+    assert await store.list_jobs("acme", statuses=[JobStatus.RUNNING]) == []
+    assert [j.id for j in await store.list_jobs("globex")] == [jobs[5].id]
+
+
+async def test_api_keys_resolve_to_their_tenant(store: SQLStore) -> None:
+    await store.insert_api_key("key_1", "acme", "a" * 64, "hk_abc", NOW)
+    assert await store.tenant_for_key_hash("a" * 64) == "acme"
+    assert await store.tenant_for_key_hash("b" * 64) is None
+
+
+async def test_unreachable_database_is_store_unavailable() -> None:
+    with pytest.raises(StoreUnavailable):
+        await open_store("postgresql://nobody@127.0.0.1:1/none")
