@@ -1,0 +1,121 @@
+"""The CLI and real processes: what a new user does, end to end."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.processes import GatewayProcess, hookline, write_config
+from tests.scripted_upstream import Hang, Reply, ScriptedUpstream, ThreadedUpstream
+
+
+@pytest.fixture
+def threaded_upstream() -> Iterator[ScriptedUpstream]:
+    with ThreadedUpstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def env(tmp_path: Path, threaded_upstream: ScriptedUpstream) -> dict[str, str]:
+    config = write_config(tmp_path / "hookline.toml", threaded_upstream.base_url, max_concurrency=2)
+    return {"HOOKLINE_CONFIG": str(config), "HOOKLINE_DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}"}
+
+
+def test_keys_submit_wait_list_show(tmp_path: Path, env: dict[str, str]) -> None:
+    server = GatewayProcess("serve", env, tmp_path)
+    try:
+        server.start()
+        created = hookline("keys", "create", "--tenant", "demo", env=env)
+        assert created.returncode == 0, created.stderr
+        key = created.stdout.strip()
+        assert key.startswith("hk_")
+        client_env = {**env, "HOOKLINE_URL": server.url, "HOOKLINE_API_KEY": key}
+
+        answer = hookline("submit", "--model", "m", "-m", "Hello CLI", "--wait", env=client_env)
+        assert answer.returncode == 0, answer.stderr
+        assert answer.stdout.strip() == "echo: Hello CLI"
+
+        job_file = tmp_path / "job.json"
+        job_file.write_text(json.dumps({"operation": "completions", "model": "m", "input": {"prompt": "p"}}))
+        raw = hookline("submit", "-f", str(job_file), "--wait", "--json", env=client_env)
+        job = json.loads(raw.stdout)
+        assert job["status"] == "succeeded" and job["output"]["choices"][0]["text"] == "echo: p"
+
+        listed = json.loads(hookline("jobs", "list", "--json", env=client_env).stdout)
+        assert [j["id"] for j in listed["data"]][0] == job["id"] and len(listed["data"]) == 2
+        table = hookline("jobs", "list", env=client_env)
+        assert job["id"] in table.stdout and "succeeded" in table.stdout
+        shown = hookline("jobs", "show", job["id"], env=client_env)
+        assert shown.returncode == 0 and "echo: p" in shown.stdout
+
+        missing = hookline("jobs", "show", "job_missing", env=client_env)
+        assert missing.returncode == 1 and "404" in missing.stderr
+        no_key = hookline("jobs", "list", env={**env, "HOOKLINE_URL": server.url, "HOOKLINE_API_KEY": ""})
+        assert no_key.returncode == 2 and "keys create" in no_key.stderr
+        bad_tenant = hookline("keys", "create", "--tenant", "no spaces", env=env)
+        assert bad_tenant.returncode == 2 and "tenant" in bad_tenant.stderr
+    finally:
+        server.stop()
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[[upstreams]]\nname = "x"\ntype = "openai"\n')
+    result = hookline("serve", "--config", str(config))
+    assert result.returncode == 2 and "base_url" in result.stderr
+    result = hookline("serve", "--config", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_restart_with_100_queued_jobs_finishes_them_all(
+    tmp_path: Path, env: dict[str, str], threaded_upstream: ScriptedUpstream
+) -> None:
+    threaded_upstream.script("m", Hang(60))
+    key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"operation": "chat.completions", "model": "m", "input": {"messages": [{"role": "user", "content": "x"}]}}
+    first = GatewayProcess("serve", env, tmp_path)
+    try:
+        first.start()
+        with httpx.Client(base_url=first.url, headers=headers) as client:
+            ids = [client.post("/v1/jobs", json=body).json()["id"] for _ in range(100)]
+        first.terminate()
+    finally:
+        first.stop()
+
+    threaded_upstream.script("m", Reply())
+    second = GatewayProcess("serve", env, tmp_path)
+    try:
+        second.start()
+        with httpx.Client(base_url=second.url, headers=headers, timeout=30) as client:
+            statuses = [client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()["status"] for job_id in ids]
+            attempts = [client.get(f"/v1/jobs/{job_id}").json()["attempts"] for job_id in ids]
+    finally:
+        second.stop()
+    assert statuses == ["succeeded"] * 100
+    assert attempts == [1] * 100
+
+
+def test_api_and_worker_as_separate_processes(tmp_path: Path, env: dict[str, str]) -> None:
+    assert hookline("migrate", env=env).returncode == 0
+    key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
+    api = GatewayProcess("api", env, tmp_path)
+    worker = GatewayProcess("worker", env, tmp_path)
+    try:
+        api.start()
+        body = {"operation": "chat.completions", "model": "m", "input": {"messages": [{"role": "user", "content": "split"}]}}
+        with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+            job = client.post("/v1/jobs", json=body).json()
+            assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+            worker.start()
+            done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 20}).json()
+        assert done["status"] == "succeeded"
+        assert done["output"]["choices"][0]["message"]["content"] == "echo: split"
+        worker.terminate()
+    finally:
+        api.stop()
+        worker.stop()
