@@ -31,7 +31,9 @@ from hookline.migrate import upgrade
 from hookline.store.engines import create_engines
 from tests.scripted_upstream import ScriptedUpstream
 
-POSTGRES_URL = os.environ.get("HOOKLINE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "HOOKLINE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 REQUIRE_SERVICES = os.environ.get("HOOKLINE_REQUIRE_SERVICES") == "1"
 
 
@@ -168,7 +170,7 @@ async def serve(settings: Settings) -> AsyncIterator[LiveGateway]:
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 (uvicorn offers no event to wait on)
         await asyncio.sleep(0.01)
     base_url = f"http://127.0.0.1:{port}"
     key = await gateway.keys.create("acme")

@@ -14,7 +14,9 @@ import httpx
 from tests.scripted_upstream import free_port
 
 
-def write_config(path: Path, upstream_url: str, *, max_concurrency: int = 4, extra: str = "") -> Path:
+def write_config(
+    path: Path, upstream_url: str, *, max_concurrency: int = 4, extra: str = ""
+) -> Path:
     path.write_text(
         f"""
 local_model = false
@@ -37,7 +39,9 @@ max_concurrency = {max_concurrency}
     return path
 
 
-def hookline(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def hookline(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run the ``hookline`` CLI to completion."""
     return subprocess.run(
         [sys.executable, "-m", "hookline", *args],
@@ -54,7 +58,12 @@ class GatewayProcess:
     def __init__(self, command: str, env: dict[str, str], cwd: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **env, "HOOKLINE_PORT": str(self.port), "HOOKLINE_HOST": "127.0.0.1"}
+        self.env = {
+            **os.environ,
+            **env,
+            "HOOKLINE_PORT": str(self.port),
+            "HOOKLINE_HOST": "127.0.0.1",
+        }
         self.command = command
         self.cwd = cwd
         self.log = cwd / f"{command}-{self.port}.log"

@@ -111,7 +111,12 @@ class ScriptedUpstream:
             for i, text in enumerate(inputs)
         ]
         return web.json_response(
-            {"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            }
         )
 
     async def _completion(self, request: web.Request) -> web.StreamResponse:
@@ -130,7 +135,9 @@ class ScriptedUpstream:
         finally:
             self.active -= 1
 
-    async def _answer(self, request: web.Request, body: dict[str, Any], step: Step) -> web.StreamResponse:
+    async def _answer(
+        self, request: web.Request, body: dict[str, Any], step: Step
+    ) -> web.StreamResponse:
         chat = request.path.endswith("/chat/completions")
         if isinstance(step, Hang):
             await asyncio.sleep(step.seconds)
@@ -160,8 +167,14 @@ class ScriptedUpstream:
             await response.write(_sse(_chunk(body, piece, chat, i == 0)))
         await response.write(_sse(_chunk(body, "", chat, False, finish="stop")))
         if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)}
-            await response.write(_sse({**_chunk(body, "", chat, False), "choices": [], "usage": usage}))
+            usage = {
+                "prompt_tokens": 5,
+                "completion_tokens": len(pieces),
+                "total_tokens": 5 + len(pieces),
+            }
+            await response.write(
+                _sse({**_chunk(body, "", chat, False), "choices": [], "usage": usage})
+            )
         await response.write(b"data: [DONE]\n\n")
         return response
 
@@ -183,7 +196,9 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
 
-def _chunk(body: dict[str, Any], piece: str, chat: bool, first: bool, finish: str | None = None) -> dict[str, Any]:
+def _chunk(
+    body: dict[str, Any], piece: str, chat: bool, first: bool, finish: str | None = None
+) -> dict[str, Any]:
     if chat:
         delta: dict[str, Any] = {"content": piece} if piece else {}
         if first:
@@ -193,7 +208,13 @@ def _chunk(body: dict[str, Any], piece: str, chat: bool, first: bool, finish: st
     else:
         choice = {"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}
         obj = "text_completion"
-    return {"id": "scripted-1", "object": obj, "created": 1700000000, "model": body.get("model"), "choices": [choice]}
+    return {
+        "id": "scripted-1",
+        "object": obj,
+        "created": 1700000000,
+        "model": body.get("model"),
+        "choices": [choice],
+    }
 
 
 def _whole(body: dict[str, Any], text: str, chat: bool) -> dict[str, Any]:

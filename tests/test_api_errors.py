@@ -40,7 +40,11 @@ async def assert_no_jobs(live: LiveGateway) -> None:
         ({**CHAT, "input": {"messages": []}}, 422, ["input.messages is required"]),
         ({**CHAT, "input": {"prompt": "x"}}, 422, ["input.messages"]),
         ({**CHAT, "operation": "embeddings"}, 422, ["input.input"]),
-        ({"operation": "chat.completions", "input": {"messages": [{"role": "user"}]}}, 422, ["model is required"]),
+        (
+            {"operation": "chat.completions", "input": {"messages": [{"role": "user"}]}},
+            422,
+            ["model is required"],
+        ),
         ({**CHAT, "priority": "high"}, 422, ["priority"]),
         ({**CHAT, "priority": 1000}, 422, ["priority"]),
         ({**CHAT, "ttl_seconds": -1}, 422, ["ttl_seconds"]),
@@ -65,7 +69,9 @@ async def test_malformed_json_is_400(live: LiveGateway) -> None:
     await assert_no_jobs(live)
 
 
-async def test_unknown_model_names_the_configured_upstreams(database_url: str, upstream: Any) -> None:
+async def test_unknown_model_names_the_configured_upstreams(
+    database_url: str, upstream: Any
+) -> None:
     from tests.conftest import gateway_settings, serve
 
     settings = gateway_settings(database_url, upstream.base_url)
@@ -118,7 +124,13 @@ async def test_bad_query_parameters(live: LiveGateway, params: dict[str, Any]) -
 
 
 @pytest.mark.parametrize(
-    "headers", [{}, {"Authorization": "Bearer hk_wrong"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}]
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer hk_wrong"},
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer"},
+    ],
 )
 async def test_missing_or_bad_key_is_401(live: LiveGateway, headers: dict[str, str]) -> None:
     async with httpx.AsyncClient(base_url=live.base_url, headers=headers) as anonymous:

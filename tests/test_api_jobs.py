@@ -36,7 +36,9 @@ async def test_submit_answers_202_with_location_and_runs_to_success(live: LiveGa
 async def test_streamed_output_is_recorded_as_ordered_deltas(
     live: LiveGateway, upstream: ScriptedUpstream
 ) -> None:
-    upstream.script("slow-tokens", Reply(text="one two three four five six", chunks=12, token_delay=0.02))
+    upstream.script(
+        "slow-tokens", Reply(text="one two three four five six", chunks=12, token_delay=0.02)
+    )
     job = (await live.client.post("/v1/jobs", json={**CHAT, "model": "slow-tokens"})).json()
     done = await wait_for_status(live.client, job["id"], {"succeeded"})
     events = (await live.client.get(f"/v1/jobs/{job['id']}/events")).json()["data"]
@@ -46,9 +48,14 @@ async def test_streamed_output_is_recorded_as_ordered_deltas(
     deltas = [e for e in events if e["type"] == "job.output.delta"]
     # Coalesced (fewer events than tokens) yet complete.
     assert 1 <= len(deltas) < 12
-    assert "".join(d["data"]["text"] for d in deltas) == done["output"]["choices"][0]["message"]["content"]
+    assert (
+        "".join(d["data"]["text"] for d in deltas)
+        == done["output"]["choices"][0]["message"]["content"]
+    )
     assert all(d["data"]["attempt"] == 1 for d in deltas)
-    later = (await live.client.get(f"/v1/jobs/{job['id']}/events", params={"after": 2})).json()["data"]
+    later = (await live.client.get(f"/v1/jobs/{job['id']}/events", params={"after": 2})).json()[
+        "data"
+    ]
     assert [e["seq"] for e in later] == list(range(3, len(events) + 1))
 
 
@@ -162,7 +169,9 @@ async def test_list_filters_and_paginates(live: LiveGateway, upstream: ScriptedU
     running = (await live.client.get("/v1/jobs", params={"status": "running"})).json()["data"]
     assert [job["id"] for job in running] == [hanging["id"]]
     both = (
-        await live.client.get("/v1/jobs", params=[("status", "running"), ("operation", "embeddings")])
+        await live.client.get(
+            "/v1/jobs", params=[("status", "running"), ("operation", "embeddings")]
+        )
     ).json()["data"]
     assert both == []
 
@@ -171,7 +180,8 @@ async def test_cancel_queued_job_at_once(live: LiveGateway, upstream: ScriptedUp
     upstream.script("hang", Hang(30))
     # Fill every slot of the upstream so the next job stays queued.
     blockers = [
-        (await live.client.post("/v1/jobs", json={**CHAT, "model": "hang"})).json() for _ in range(8)
+        (await live.client.post("/v1/jobs", json={**CHAT, "model": "hang"})).json()
+        for _ in range(8)
     ]
     for blocker in blockers:
         await wait_for_status(live.client, blocker["id"], {"running"})
@@ -203,31 +213,39 @@ async def test_cancel_running_job_aborts_the_upstream_call(
     await asyncio.sleep(0.3)
     final = (await live.client.get(f"/v1/jobs/{job['id']}")).json()
     assert final["status"] == "cancelled"
-    types = [e["type"] for e in (await live.client.get(f"/v1/jobs/{job['id']}/events")).json()["data"]]
+    types = [
+        e["type"] for e in (await live.client.get(f"/v1/jobs/{job['id']}/events")).json()["data"]
+    ]
     assert types == ["job.queued", "job.started", "job.cancelled"]
 
 
 async def test_priority_runs_first(live: LiveGateway, upstream: ScriptedUpstream) -> None:
     upstream.script("hang", Hang(30))
     blockers = [
-        (await live.client.post("/v1/jobs", json={**CHAT, "model": "hang"})).json() for _ in range(8)
+        (await live.client.post("/v1/jobs", json={**CHAT, "model": "hang"})).json()
+        for _ in range(8)
     ]
     for blocker in blockers:
         await wait_for_status(live.client, blocker["id"], {"running"})
     low = (await live.client.post("/v1/jobs", json={**CHAT, "model": "low"})).json()
-    high = (await live.client.post("/v1/jobs", json={**CHAT, "model": "high", "priority": 10})).json()
+    high = (
+        await live.client.post("/v1/jobs", json={**CHAT, "model": "high", "priority": 10})
+    ).json()
     await live.client.post(f"/v1/jobs/{blockers[0]['id']}/cancel")
     await wait_for_status(live.client, high["id"], {"succeeded"})
-    assert [r.model for r in upstream.requests if r.model in ("low", "high")][0] == "high"
+    assert next(r.model for r in upstream.requests if r.model in ("low", "high")) == "high"
     await live.client.post(f"/v1/jobs/{blockers[1]['id']}/cancel")
     await wait_for_status(live.client, low["id"], {"succeeded"})
 
 
 async def test_openapi_spec_lists_the_job_routes(live: LiveGateway) -> None:
     spec = (await live.client.get("/openapi.json")).json()
-    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events"} <= set(
-        spec["paths"]
-    )
+    assert {
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/events",
+    } <= set(spec["paths"])
 
 
 async def test_health_and_readiness(live: LiveGateway) -> None:

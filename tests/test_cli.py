@@ -22,7 +22,10 @@ def threaded_upstream() -> Iterator[ScriptedUpstream]:
 @pytest.fixture
 def env(tmp_path: Path, threaded_upstream: ScriptedUpstream) -> dict[str, str]:
     config = write_config(tmp_path / "hookline.toml", threaded_upstream.base_url, max_concurrency=2)
-    return {"HOOKLINE_CONFIG": str(config), "HOOKLINE_DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}"}
+    return {
+        "HOOKLINE_CONFIG": str(config),
+        "HOOKLINE_DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}",
+    }
 
 
 def test_keys_submit_wait_list_show(tmp_path: Path, env: dict[str, str]) -> None:
@@ -40,13 +43,15 @@ def test_keys_submit_wait_list_show(tmp_path: Path, env: dict[str, str]) -> None
         assert answer.stdout.strip() == "echo: Hello CLI"
 
         job_file = tmp_path / "job.json"
-        job_file.write_text(json.dumps({"operation": "completions", "model": "m", "input": {"prompt": "p"}}))
+        job_file.write_text(
+            json.dumps({"operation": "completions", "model": "m", "input": {"prompt": "p"}})
+        )
         raw = hookline("submit", "-f", str(job_file), "--wait", "--json", env=client_env)
         job = json.loads(raw.stdout)
         assert job["status"] == "succeeded" and job["output"]["choices"][0]["text"] == "echo: p"
 
         listed = json.loads(hookline("jobs", "list", "--json", env=client_env).stdout)
-        assert [j["id"] for j in listed["data"]][0] == job["id"] and len(listed["data"]) == 2
+        assert listed["data"][0]["id"] == job["id"] and len(listed["data"]) == 2
         table = hookline("jobs", "list", env=client_env)
         assert job["id"] in table.stdout and "succeeded" in table.stdout
         shown = hookline("jobs", "show", job["id"], env=client_env)
@@ -54,7 +59,9 @@ def test_keys_submit_wait_list_show(tmp_path: Path, env: dict[str, str]) -> None
 
         missing = hookline("jobs", "show", "job_missing", env=client_env)
         assert missing.returncode == 1 and "404" in missing.stderr
-        no_key = hookline("jobs", "list", env={**env, "HOOKLINE_URL": server.url, "HOOKLINE_API_KEY": ""})
+        no_key = hookline(
+            "jobs", "list", env={**env, "HOOKLINE_URL": server.url, "HOOKLINE_API_KEY": ""}
+        )
         assert no_key.returncode == 2 and "keys create" in no_key.stderr
         bad_tenant = hookline("keys", "create", "--tenant", "no spaces", env=env)
         assert bad_tenant.returncode == 2 and "tenant" in bad_tenant.stderr
@@ -77,7 +84,11 @@ def test_restart_with_100_queued_jobs_finishes_them_all(
     threaded_upstream.script("m", Hang(60))
     key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
     headers = {"Authorization": f"Bearer {key}"}
-    body = {"operation": "chat.completions", "model": "m", "input": {"messages": [{"role": "user", "content": "x"}]}}
+    body = {
+        "operation": "chat.completions",
+        "model": "m",
+        "input": {"messages": [{"role": "user", "content": "x"}]},
+    }
     first = GatewayProcess("serve", env, tmp_path)
     try:
         first.start()
@@ -92,7 +103,10 @@ def test_restart_with_100_queued_jobs_finishes_them_all(
     try:
         second.start()
         with httpx.Client(base_url=second.url, headers=headers, timeout=30) as client:
-            statuses = [client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()["status"] for job_id in ids]
+            statuses = [
+                client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()["status"]
+                for job_id in ids
+            ]
             attempts = [client.get(f"/v1/jobs/{job_id}").json()["attempts"] for job_id in ids]
     finally:
         second.stop()
@@ -107,8 +121,14 @@ def test_api_and_worker_as_separate_processes(tmp_path: Path, env: dict[str, str
     worker = GatewayProcess("worker", env, tmp_path)
     try:
         api.start()
-        body = {"operation": "chat.completions", "model": "m", "input": {"messages": [{"role": "user", "content": "split"}]}}
-        with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        body = {
+            "operation": "chat.completions",
+            "model": "m",
+            "input": {"messages": [{"role": "user", "content": "split"}]},
+        }
+        with httpx.Client(
+            base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        ) as client:
             job = client.post("/v1/jobs", json=body).json()
             assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
             worker.start()

@@ -16,7 +16,9 @@ from hookline.store import SQLStore, open_store
 NOW = 1_800_000_000_000
 
 
-def make_job(tenant: str = "acme", *, priority: int = 0, key: str | None = None, **changes: object) -> Job:
+def make_job(
+    tenant: str = "acme", *, priority: int = 0, key: str | None = None, **changes: object
+) -> Job:
     job = Job(
         id=new_id("job"),
         tenant=tenant,
@@ -56,8 +58,12 @@ async def store(database_url: str) -> AsyncIterator[SQLStore]:
     await store.close()
 
 
-async def claim(store: SQLStore, limit: int = 10, now: int = NOW, token: str = "lease_a") -> list[Job]:
-    claimed = await store.claim_jobs("u", limit, now=now, lease_token=token, lease_expires_at=now + 30_000)
+async def claim(
+    store: SQLStore, limit: int = 10, now: int = NOW, token: str = "lease_a"
+) -> list[Job]:
+    claimed = await store.claim_jobs(
+        "u", limit, now=now, lease_token=token, lease_expires_at=now + 30_000
+    )
     return [c.job for c in claimed]
 
 
@@ -90,13 +96,18 @@ async def test_claim_takes_priority_then_fifo_and_skips_future_and_expired(store
     later = make_job(run_after=NOW + 60_000)
     expired = make_job(expires_at=NOW - 1)
     other_upstream = make_job(upstream="v")
-    await store.insert_jobs([(j, QUEUED) for j in (low_old, high, low_new, later, expired, other_upstream)])
+    await store.insert_jobs(
+        [(j, QUEUED) for j in (low_old, high, low_new, later, expired, other_upstream)]
+    )
     claimed = await claim(store)
     assert [j.id for j in claimed] == [high.id, low_old.id, low_new.id]
     for job in claimed:
         assert job.status is JobStatus.RUNNING and job.attempts == 1 and job.event_seq == 2
         assert job.lease_token == "lease_a" and job.started_at == NOW
-        assert [e.type for e in await store.list_events(job.id)] == [EventType.QUEUED, EventType.STARTED]
+        assert [e.type for e in await store.list_events(job.id)] == [
+            EventType.QUEUED,
+            EventType.STARTED,
+        ]
     assert await claim(store) == []
     assert [j.id for j in await claim(store, now=NOW + 60_000)] == [later.id]
     assert await store.ids_past_ttl(NOW, 10) == [expired.id]
@@ -115,7 +126,11 @@ async def test_transition_is_conditional_so_one_terminal_event_wins(store: SQLSt
     await store.insert_jobs([(job, QUEUED)])
     [running] = await claim(store)
     cancelled = await store.transition(
-        job.id, JobStatus.CANCELLED, now=NOW, events=[NewEvent(EventType.CANCELLED, {})], tenant="acme"
+        job.id,
+        JobStatus.CANCELLED,
+        now=NOW,
+        events=[NewEvent(EventType.CANCELLED, {})],
+        tenant="acme",
     )
     assert cancelled is not None and cancelled.job.status is JobStatus.CANCELLED
     assert cancelled.events[0].seq == 3

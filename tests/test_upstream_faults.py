@@ -30,7 +30,9 @@ async def events_of(live: LiveGateway, job_id: str) -> list[dict[str, Any]]:
     return data
 
 
-async def test_slow_first_token_still_succeeds(live: LiveGateway, upstream: ScriptedUpstream) -> None:
+async def test_slow_first_token_still_succeeds(
+    live: LiveGateway, upstream: ScriptedUpstream
+) -> None:
     upstream.script("slow", Reply(first_token_delay=1.0))
     job = (await live.client.post("/v1/jobs", json=chat("slow"))).json()
     done = await wait_for_status(live.client, job["id"], {"succeeded"})
@@ -139,5 +141,8 @@ async def test_ttl_passing_before_start_expires_the_job(
         assert job["expires_at"] is not None
         done = await wait_for_status(live.client, job["id"], {"expired"})
         assert done["started_at"] is None
-        assert [e["type"] for e in await events_of(live, job["id"])] == ["job.queued", "job.expired"]
+        assert [e["type"] for e in await events_of(live, job["id"])] == [
+            "job.queued",
+            "job.expired",
+        ]
         assert upstream.seen("m") == []

@@ -44,7 +44,10 @@ async def test_stop_requeues_jobs_still_running_after_the_grace_period(
     upstream.script("m", Reply())
     async with serve(settings) as live:
         requeued_events = (await live.client.get(f"/v1/jobs/{job['id']}/events")).json()["data"]
-        assert "worker stopped" in next(e for e in requeued_events if e["type"] == "job.log")["data"]["message"]
+        assert (
+            "worker stopped"
+            in next(e for e in requeued_events if e["type"] == "job.log")["data"]["message"]
+        )
         done = await wait_for_status(live.client, job["id"], {"succeeded"})
         assert done["attempts"] == 1, "a drained attempt does not count"
 

