@@ -107,7 +107,11 @@ class Job:
         return dataclasses.replace(self, **changes)
 
     def as_row(self) -> dict[str, Any]:
-        row = dataclasses.asdict(self)
+        # Shallow on purpose: dataclasses.asdict would deep-copy the input on the accept path.
+        row = {name: getattr(self, name) for name in _FIELD_NAMES}
         row["status"] = self.status.value
         row["operation"] = self.operation.value
         return row
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Job))

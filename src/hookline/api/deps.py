@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from hookline.gateway import Gateway
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:  # async: a sync dependency costs a thread hop
     gateway: Gateway = request.app.state.gateway
     return gateway
 

@@ -6,11 +6,13 @@ import re
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from hookline.api.deps import GatewayDep, TenantDep
 from hookline.api.schemas import EventList, JobCreate, JobList, JobOut, event_json, job_json
+from hookline.errors import InvalidRequest
+from hookline.gateway import Gateway
 from hookline.jobs import JobStatus, Operation
 from hookline.queue import SubmitRequest
 
@@ -33,26 +35,47 @@ def _prefer_wait(prefer: str | None, cap: float) -> float:
     return min(float(match.group(1)), cap) if match else 0.0
 
 
+_SUBMIT_HEADERS = [
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "maxLength": 256},
+        "description": "Same key and body: the first job is returned. Same key, other body: 409.",
+    },
+    {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "wait=N (N ≤ 60): answer 200 with the finished job if it is done in time.",
+    },
+]
+
+
 @router.post(
     "/jobs",
     status_code=202,
     response_model=JobOut,
     responses={200: {"model": JobOut, "description": "Finished within Prefer: wait=N"}},
     summary="Submit a job",
+    openapi_extra={"parameters": _SUBMIT_HEADERS},
 )
-async def submit_job(
-    body: JobCreate,
-    gateway: GatewayDep,
-    tenant: TenantDep,
-    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
-    prefer: Annotated[str | None, Header()] = None,
-) -> Response:
+async def submit_job(body: JobCreate, request: Request) -> Response:
     """Queue a job durably and answer ``202`` with it. With ``Prefer: wait=N`` (N ≤ 60) answer
     ``200`` with the finished job if it finishes within N seconds. A repeated ``Idempotency-Key``
     with the same body returns the first job; with a different body it is a ``409``."""
+    # The hottest route reads its headers itself: FastAPI's dependency solving would cost more
+    # than the whole durable insert (see docs/benchmarks.md).
+    gateway: Gateway = request.app.state.gateway
+    headers = request.headers
+    tenant = await gateway.keys.tenant_for(headers.get("authorization"))
+    idempotency_key = headers.get("idempotency-key") or None
+    if idempotency_key is not None and len(idempotency_key) > 256:
+        raise InvalidRequest("the Idempotency-Key header is longer than 256 characters")
     assert body.model is not None  # filled in by the validator
     upstream = gateway.settings.upstream_for(body.model)
-    request = SubmitRequest(
+    submission = SubmitRequest(
         operation=body.operation,
         input=body.input,
         model=body.model,
@@ -60,15 +83,16 @@ async def submit_job(
         metadata=body.metadata,
         priority=body.priority,
         ttl_seconds=body.ttl_seconds,
-        idempotency_key=idempotency_key or None,
+        idempotency_key=idempotency_key,
     )
-    job, _created = await gateway.queue.submit(tenant, request)
-    wait = _prefer_wait(prefer, gateway.settings.jobs.max_wait_seconds)
-    headers = {"Location": f"/v1/jobs/{job.id}"}
+    job, _created = await gateway.queue.submit(tenant, submission)
+    wait = _prefer_wait(headers.get("prefer"), gateway.settings.jobs.max_wait_seconds)
+    response_headers = {"Location": f"/v1/jobs/{job.id}"}
     if wait > 0 and not job.status.is_terminal:
         job = await gateway.queue.wait_until_terminal(tenant, job.id, wait)
-        headers["Preference-Applied"] = f"wait={wait:g}"
-    return _json(job_json(job), 200 if job.status.is_terminal and wait > 0 else 202, headers)
+        response_headers["Preference-Applied"] = f"wait={wait:g}"
+    status = 200 if job.status.is_terminal and wait > 0 else 202
+    return _json(job_json(job), status, response_headers)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job (optionally long-poll)")

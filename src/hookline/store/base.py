@@ -21,7 +21,6 @@ class AcceptOutcome:
     """Result of inserting one new job: ``duplicate`` when its idempotency key was already taken."""
 
     job: Job
-    event: Event | None
     duplicate: bool = False
 
 

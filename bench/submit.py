@@ -1,0 +1,171 @@
+"""Submit benchmark: accepted jobs/s and accept latency at 64 concurrent clients.
+
+Runs, in one go and on this machine's loopback: the bare ceiling (bench/bare_app.py: same HTTP stack,
+no storage), then ``hookline api`` on SQLite and on PostgreSQL. Load comes from wrk (C, one thread,
+64 connections) so that the load generator takes as little CPU from the server as possible.
+
+    python -m bench.submit [--seconds 10] [--connections 64] [--postgres-url URL]
+
+Needs ``wrk`` (``apt-get install wrk``). Prints each run and its ratio to the ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = {
+    "operation": "chat.completions",
+    "model": "bench-model",
+    "input": {"messages": [{"role": "user", "content": "Tell me a short story."}], "max_tokens": 64},
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server at {url} did not come up")
+
+
+def start(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        command, env={**os.environ, **env}, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def wrk(url: str, key: str | None, seconds: int, connections: int, workdir: Path) -> dict[str, float]:
+    script = workdir / "post.lua"
+    headers = 'wrk.headers["Content-Type"] = "application/json"\n'
+    if key:
+        headers += f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+    script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(BODY))}\n{headers}')
+    result = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), f"{url}/v1/jobs"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = result.stdout
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non_2xx:
+        raise RuntimeError(f"{non_2xx.group(1)} requests failed:\n{out}")
+    figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    for pct in ("50", "99"):
+        value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        figures[f"p{pct}_ms"] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    return figures
+
+
+async def reset_postgres(admin_url: str, name: str) -> str:
+    conn = await asyncpg.connect(admin_url.replace("postgresql://", "postgres://"))
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def run_hookline(database_url: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    env = {"HOOKLINE_DATABASE_URL": database_url, "HOOKLINE_LOG_LEVEL": "warning"}
+    config = workdir / "bench.toml"
+    config.write_text(
+        'local_model = false\n[[upstreams]]\nname = "bench"\nbase_url = "http://127.0.0.1:9/v1"\nmodels = ["*"]\n'
+    )
+    env["HOOKLINE_CONFIG"] = str(config)
+    hookline = [sys.executable, "-m", "hookline"]
+    subprocess.run([*hookline, "migrate"], env={**os.environ, **env}, check=True, capture_output=True)
+    key = subprocess.run(
+        [*hookline, "keys", "create", "--tenant", "bench"],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    port = free_port()
+    server = start([*hookline, "api", "--port", str(port)], env, workdir)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/healthz")
+        wrk(f"http://127.0.0.1:{port}", key, 2, args.connections, workdir)  # warm-up
+        return wrk(f"http://127.0.0.1:{port}", key, args.seconds, args.connections, workdir)
+    finally:
+        stop(server)
+
+
+def run_bare(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(port),
+               "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    server = start(command, {"PYTHONPATH": str(ROOT)}, ROOT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/docs")
+        wrk(f"http://127.0.0.1:{port}", None, 2, args.connections, workdir)
+        return wrk(f"http://127.0.0.1:{port}", None, args.seconds, args.connections, workdir)
+    finally:
+        stop(server)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--postgres-url", default=os.environ.get("HOOKLINE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--skip-postgres", action="store_true")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is needed: apt-get install wrk")
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        results["bare 202 (ceiling)"] = run_bare(args, workdir)
+        results["hookline, SQLite"] = run_hookline(f"sqlite:///{workdir / 'bench.db'}", args, workdir)
+        if not args.skip_postgres:
+            url = asyncio.run(reset_postgres(args.postgres_url, "hookline_bench"))
+            results["hookline, PostgreSQL"] = run_hookline(url, args, workdir)
+    ceiling = results["bare 202 (ceiling)"]
+    print(f"\nPOST /v1/jobs, {args.connections} connections, {args.seconds} s each (wrk, loopback)\n")
+    print(f"{'run':<24}{'jobs/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'÷ ceiling':>11}{'p99 ×':>8}")
+    for name, r in results.items():
+        print(
+            f"{name:<24}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+            f"{r['rps'] / ceiling['rps']:>10.0%} {r['p99_ms'] / ceiling['p99_ms']:>7.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
