@@ -28,7 +28,7 @@ from hookline.api import create_app
 from hookline.config import Settings, UpstreamConfig
 from hookline.gateway import Gateway
 from hookline.migrate import upgrade
-from hookline.store.engines import create_engines
+from hookline.store.database import open_database
 from tests.scripted_upstream import ScriptedUpstream
 
 POSTGRES_URL = os.environ.get(
@@ -57,11 +57,11 @@ async def _admin(sql: str) -> None:
 
 
 async def _migrate(url: str) -> None:
-    engines = create_engines(url)
+    database = open_database(url)
     try:
-        await upgrade(engines.write)
+        await upgrade(database)
     finally:
-        await engines.dispose()
+        await database.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hookline.store.database import Database
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _ADVISORY_LOCK_ID = 0x686F6F6B  # "hook"
@@ -31,7 +32,8 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def _upgrade_sync(connection: Connection) -> None:
+def upgrade_connection(connection: Connection) -> None:
+    """Upgrade through an open connection, inside its transaction."""
     if connection.dialect.name == "postgresql":
         connection.execute(text(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK_ID})"))
     command.upgrade(alembic_config(connection), "head")
@@ -41,13 +43,11 @@ def _current_sync(connection: Connection) -> Any:
     return MigrationContext.configure(connection).get_current_revision()
 
 
-async def upgrade(engine: AsyncEngine) -> None:
+async def upgrade(database: Database) -> None:
     """Bring the schema up to the newest migration (no-op when it is current)."""
-    async with engine.begin() as conn:
-        await conn.run_sync(_upgrade_sync)
+    await database.write(upgrade_connection)
 
 
-async def current_revision(engine: AsyncEngine) -> str | None:
-    async with engine.connect() as conn:
-        revision: str | None = await conn.run_sync(_current_sync)
+async def current_revision(database: Database) -> str | None:
+    revision: str | None = await database.read(_current_sync)
     return revision

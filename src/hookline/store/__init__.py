@@ -1,4 +1,4 @@
-"""Durable storage: the schema, the engines, and the :class:`Store` that all other layers use."""
+"""Durable storage: the schema, the database access, and the :class:`Store` that all other layers use."""
 
 from hookline.store.base import AcceptOutcome, Store
 from hookline.store.sql import SQLStore, open_store

@@ -55,11 +55,25 @@ jobs = sa.Table(
     sa.Column("lease_token", sa.String(40), nullable=True),
     sa.Column("lease_expires_at", sa.BigInteger, nullable=True),
     sa.Column("event_seq", sa.Integer, nullable=False),
-    sa.UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+    # Partial indexes: most jobs have no idempotency key and are not running, and an index entry
+    # that is never looked up still costs every insert.
+    sa.Index(
+        "uq_jobs_tenant_idempotency_key",
+        "tenant",
+        "idempotency_key",
+        unique=True,
+        sqlite_where=sa.text("idempotency_key IS NOT NULL"),
+        postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+    ),
     # The claim query: next runnable job of one upstream, highest priority first, then FIFO.
-    sa.Index("ix_jobs_claim", "status", "upstream", "priority", "id"),
+    sa.Index("ix_jobs_claim", "status", "upstream", sa.desc("priority"), "id"),
     sa.Index("ix_jobs_tenant_id", "tenant", "id"),
-    sa.Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+    sa.Index(
+        "ix_jobs_running_lease",
+        "lease_expires_at",
+        sqlite_where=sa.text("status = 'running'"),
+        postgresql_where=sa.text("status = 'running'"),
+    ),
 )
 
 events = sa.Table(
@@ -75,6 +89,5 @@ events = sa.Table(
     sa.Column("data", JSONType, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.UniqueConstraint("job_id", "seq", name="uq_events_job_seq"),
-    sa.Index("ix_events_tenant_id", "tenant", "id"),
     sqlite_autoincrement=True,
 )

@@ -1,29 +1,30 @@
 """The SQLAlchemy Core implementation of :class:`~hookline.store.base.Store`, for SQLite and
-PostgreSQL alike. The statements that matter for correctness are named functions at the top.
+PostgreSQL alike. Each method is one transaction: a plain function over a ``Connection`` handed to
+:class:`~hookline.store.database.Database`. The statements that matter for correctness are named
+functions at the top.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import Connection
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from hookline.errors import StoreError, StoreUnavailable
+from hookline.errors import StoreError
 from hookline.events import Event, EventType, NewEvent
 from hookline.jobs import Job, JobStatus, sources_for
 from hookline.store.base import AcceptOutcome, Store, Transitioned
-from hookline.store.engines import Engines, create_engines
+from hookline.store.database import Database, open_database
 from hookline.store.schema import api_keys, events, jobs
 
 # --- named statements
 
 
 def _claimable_ids(upstream: str, limit: int, now: int) -> sa.Select[tuple[str]]:
-    """Next runnable jobs of one upstream; on PostgreSQL rows locked by another claimer are skipped."""
+    """Next runnable jobs of one upstream; on PostgreSQL rows another claimer holds are skipped."""
     return (
         sa.select(jobs.c.id)
         .where(
@@ -95,86 +96,80 @@ def _bump_seq_if_held(job_id: str, lease_token: str, n_events: int, now: int) ->
 
 _insert_events = sa.insert(events).returning(*events.c)
 
-# --- error translation
 
-_UNAVAILABLE_MARKERS = (
-    "connection",
-    "could not connect",
-    "database is locked",
-    "closed",
-    "timeout",
-)
+def _event_row(job_id: str, tenant: str, seq: int, event: NewEvent, now: int) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "tenant": tenant,
+        "seq": seq,
+        "type": event.type.value,
+        "data": event.data,
+        "created_at": now,
+    }
 
 
-def _translate(exc: BaseException) -> StoreError:
-    if isinstance(exc, (OSError, ConnectionError)):
-        return StoreUnavailable(f"database unreachable: {exc}")
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return StoreUnavailable(f"database connection lost: {exc.orig}")
-    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
-        text = str(exc).lower()
-        if any(marker in text for marker in _UNAVAILABLE_MARKERS):
-            return StoreUnavailable(f"database unavailable: {exc}")
-    return StoreError(f"database error: {exc}")
+def _append(
+    conn: Connection, job_id: str, tenant: str, last_seq: int, new: Sequence[NewEvent], now: int
+) -> list[Event]:
+    """Insert ``new`` as the events ending at ``last_seq`` (the job row was bumped already)."""
+    if not new:
+        return []
+    first = last_seq - len(new) + 1
+    rows = [_event_row(job_id, tenant, first + i, event, now) for i, event in enumerate(new)]
+    result = conn.execute(_insert_events, rows).mappings()
+    return sorted((Event.from_row(r) for r in result), key=lambda e: e.seq)
 
 
 class SQLStore(Store):
-    def __init__(self, engines: Engines) -> None:
-        self.engines = engines
-        self.dialect = engines.dialect
-
-    @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self.engines.write.begin() as conn:
-                yield conn
-        except (sa_exc.SQLAlchemyError, OSError) as exc:
-            raise _translate(exc) from exc
-
-    @contextlib.asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self.engines.read.connect() as conn:
-                yield conn
-        except (sa_exc.SQLAlchemyError, OSError) as exc:
-            raise _translate(exc) from exc
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.dialect = database.dialect
 
     async def close(self) -> None:
-        await self.engines.dispose()
+        await self.database.dispose()
 
     async def ping(self) -> None:
-        async with self._read() as conn:
-            await conn.execute(sa.text("SELECT 1"))
+        await self.database.read(lambda conn: conn.execute(sa.text("SELECT 1")).scalar())
 
     # API keys
 
     async def insert_api_key(
         self, key_id: str, tenant: str, key_hash: str, prefix: str, now: int
     ) -> None:
-        async with self._write() as conn:
-            await conn.execute(
-                sa.insert(api_keys).values(
-                    id=key_id, tenant=tenant, key_hash=key_hash, prefix=prefix, created_at=now
-                )
-            )
+        statement = sa.insert(api_keys).values(
+            id=key_id, tenant=tenant, key_hash=key_hash, prefix=prefix, created_at=now
+        )
+        await self.database.write(lambda conn: conn.execute(statement))
 
     async def tenant_for_key_hash(self, key_hash: str) -> str | None:
-        async with self._read() as conn:
-            result = await conn.execute(
-                sa.select(api_keys.c.tenant).where(
-                    api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None)
-                )
-            )
-            return result.scalar_one_or_none()
+        query = sa.select(api_keys.c.tenant).where(
+            api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None)
+        )
+        tenant: str | None = await self.database.read(
+            lambda conn: conn.execute(query).scalar_one_or_none()
+        )
+        return tenant
 
     # Jobs
 
     async def insert_jobs(self, items: Sequence[tuple[Job, NewEvent]]) -> list[AcceptOutcome]:
         if not items:
             return []
+
+        def insert(conn: Connection) -> list[AcceptOutcome]:
+            conn.execute(sa.insert(jobs), [job.as_row() for job, _ in items])
+            # No RETURNING: nothing on the accept path needs the event's id, and it costs.
+            conn.execute(
+                sa.insert(events),
+                [
+                    _event_row(job.id, job.tenant, job.event_seq, event, job.created_at)
+                    for job, event in items
+                ],
+            )
+            return [AcceptOutcome(job) for job, _ in items]
+
         try:
-            async with self._write() as conn:
-                return await self._insert_batch(conn, items)
+            return await self.database.write(insert)
         except StoreError as exc:
             if not isinstance(exc.__cause__, sa_exc.IntegrityError):
                 raise
@@ -186,30 +181,22 @@ class SQLStore(Store):
             outcomes.extend(await self.insert_jobs([item]))
         return outcomes
 
-    async def _insert_batch(
-        self, conn: AsyncConnection, items: Sequence[tuple[Job, NewEvent]]
-    ) -> list[AcceptOutcome]:
-        await conn.execute(sa.insert(jobs), [job.as_row() for job, _ in items])
-        # No RETURNING here: nothing on the accept path needs the event's id, and it costs.
-        await conn.execute(
-            sa.insert(events),
-            [_event_row(job, job.event_seq, event, job.created_at) for job, event in items],
-        )
-        return [AcceptOutcome(job) for job, _ in items]
+    async def _one_job(self, query: sa.Select[Any]) -> Job | None:
+        def fetch(conn: Connection) -> Job | None:
+            row = conn.execute(query).mappings().first()
+            return Job.from_row(row) if row else None
+
+        return await self.database.read(fetch)
 
     async def get_job(self, job_id: str, tenant: str | None = None) -> Job | None:
         query = sa.select(jobs).where(jobs.c.id == job_id)
         if tenant is not None:
             query = query.where(jobs.c.tenant == tenant)
-        async with self._read() as conn:
-            row = (await conn.execute(query)).mappings().first()
-        return Job.from_row(row) if row else None
+        return await self._one_job(query)
 
     async def find_job_by_idempotency_key(self, tenant: str, key: str) -> Job | None:
         query = sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.idempotency_key == key)
-        async with self._read() as conn:
-            row = (await conn.execute(query)).mappings().first()
-        return Job.from_row(row) if row else None
+        return await self._one_job(query)
 
     async def list_jobs(
         self,
@@ -228,9 +215,9 @@ class SQLStore(Store):
         if before_id:
             query = query.where(jobs.c.id < before_id)
         query = query.order_by(jobs.c.id.desc()).limit(limit)
-        async with self._read() as conn:
-            rows = (await conn.execute(query)).mappings().all()
-        return [Job.from_row(row) for row in rows]
+        return await self.database.read(
+            lambda conn: [Job.from_row(row) for row in conn.execute(query).mappings()]
+        )
 
     async def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]:
         query = (
@@ -239,9 +226,9 @@ class SQLStore(Store):
             .order_by(events.c.seq)
             .limit(limit)
         )
-        async with self._read() as conn:
-            rows = (await conn.execute(query)).mappings().all()
-        return [Event.from_row(row) for row in rows]
+        return await self.database.read(
+            lambda conn: [Event.from_row(row) for row in conn.execute(query).mappings()]
+        )
 
     async def claim_jobs(
         self,
@@ -254,26 +241,27 @@ class SQLStore(Store):
     ) -> list[Transitioned]:
         if limit <= 0:
             return []
-        async with self._write() as conn:
-            statement = _claim(
-                _claimable_ids(upstream, limit, now), now, lease_token, lease_expires_at
-            )
-            claimed = [Job.from_row(row) for row in (await conn.execute(statement)).mappings()]
-            if not claimed:
-                return []
+        statement = _claim(_claimable_ids(upstream, limit, now), now, lease_token, lease_expires_at)
+
+        def claim(conn: Connection) -> list[Transitioned]:
+            claimed = [Job.from_row(row) for row in conn.execute(statement).mappings()]
             claimed.sort(key=lambda job: (-job.priority, job.id))
-            started = [
-                _event_row(
+            return [
+                Transitioned(
                     job,
-                    job.event_seq,
-                    NewEvent(EventType.STARTED, {"attempt": job.attempts}),
-                    now,
+                    _append(
+                        conn,
+                        job.id,
+                        job.tenant,
+                        job.event_seq,
+                        [NewEvent(EventType.STARTED, {"attempt": job.attempts})],
+                        now,
+                    ),
                 )
                 for job in claimed
             ]
-            rows = (await conn.execute(_insert_events, started)).mappings()
-            by_job = {row["job_id"]: Event.from_row(row) for row in rows}
-        return [Transitioned(job, [by_job[job.id]]) for job in claimed]
+
+        return await self.database.write(claim)
 
     async def renew_leases(
         self, job_ids: Collection[str], lease_token: str, lease_expires_at: int, now: int
@@ -290,8 +278,7 @@ class SQLStore(Store):
             .values(lease_expires_at=lease_expires_at, updated_at=now)
             .returning(jobs.c.id)
         )
-        async with self._write() as conn:
-            return set((await conn.execute(statement)).scalars())
+        return await self.database.write(lambda conn: set(conn.execute(statement).scalars()))
 
     async def transition(
         self,
@@ -308,49 +295,31 @@ class SQLStore(Store):
         statement = _conditional_update(
             job_id, new_status, len(events), values, tenant, lease_token
         )
-        async with self._write() as conn:
-            row = (await conn.execute(statement)).mappings().first()
+
+        def apply(conn: Connection) -> Transitioned | None:
+            row = conn.execute(statement).mappings().first()
             if row is None:
                 return None
             job = Job.from_row(row)
-            appended = await self._insert_events(conn, job, job.event_seq, events, now)
-        return Transitioned(job, appended)
+            return Transitioned(job, _append(conn, job.id, job.tenant, job.event_seq, events, now))
+
+        return await self.database.write(apply)
 
     async def append_events(
         self, job_id: str, lease_token: str, events: Sequence[NewEvent], now: int
     ) -> list[Event] | None:
         if not events:
             return []
-        async with self._write() as conn:
-            row = (
-                await conn.execute(_bump_seq_if_held(job_id, lease_token, len(events), now))
-            ).first()
+        statement = _bump_seq_if_held(job_id, lease_token, len(events), now)
+
+        def append(conn: Connection) -> list[Event] | None:
+            row = conn.execute(statement).first()
             if row is None:
                 return None
             last_seq, tenant = row
-            rows = [
-                {
-                    "job_id": job_id,
-                    "tenant": tenant,
-                    "seq": last_seq - len(events) + i + 1,
-                    "type": event.type.value,
-                    "data": event.data,
-                    "created_at": now,
-                }
-                for i, event in enumerate(events)
-            ]
-            result = (await conn.execute(_insert_events, rows)).mappings()
-            return sorted((Event.from_row(r) for r in result), key=lambda e: e.seq)
+            return _append(conn, job_id, tenant, last_seq, events, now)
 
-    async def _insert_events(
-        self, conn: AsyncConnection, job: Job, last_seq: int, new: Sequence[NewEvent], now: int
-    ) -> list[Event]:
-        if not new:
-            return []
-        first = last_seq - len(new) + 1
-        rows = [_event_row(job, first + i, event, now) for i, event in enumerate(new)]
-        result = (await conn.execute(_insert_events, rows)).mappings()
-        return sorted((Event.from_row(r) for r in result), key=lambda e: e.seq)
+        return await self.database.write(append)
 
     async def ids_past_ttl(self, now: int, limit: int) -> list[str]:
         query = (
@@ -362,40 +331,29 @@ class SQLStore(Store):
             )
             .limit(limit)
         )
-        async with self._read() as conn:
-            return list((await conn.execute(query)).scalars())
+        return await self.database.read(lambda conn: list(conn.execute(query).scalars()))
 
     async def lapsed_leases(self, now: int, limit: int) -> list[Job]:
         query = (
             sa.select(jobs)
-            .where(jobs.c.status == JobStatus.RUNNING.value, jobs.c.lease_expires_at < now)
+            # A literal status, so that the partial index ix_jobs_running_lease applies.
+            .where(jobs.c.status == sa.literal_column("'running'"), jobs.c.lease_expires_at < now)
             .limit(limit)
         )
-        async with self._read() as conn:
-            rows = (await conn.execute(query)).mappings().all()
-        return [Job.from_row(row) for row in rows]
-
-
-def _event_row(job: Job, seq: int, event: NewEvent, now: int) -> dict[str, Any]:
-    return {
-        "job_id": job.id,
-        "tenant": job.tenant,
-        "seq": seq,
-        "type": event.type.value,
-        "data": event.data,
-        "created_at": now,
-    }
+        return await self.database.read(
+            lambda conn: [Job.from_row(row) for row in conn.execute(query).mappings()]
+        )
 
 
 async def open_store(database_url: str, *, migrate: bool = True) -> SQLStore:
     """Connect to ``database_url`` and, unless ``migrate`` is false, bring its schema up to date."""
     from hookline.migrate import upgrade
 
-    engines = create_engines(database_url)
+    database = open_database(database_url)
     if migrate:
         try:
-            await upgrade(engines.write)
-        except (sa_exc.SQLAlchemyError, OSError) as exc:
-            await engines.dispose()
-            raise _translate(exc) from exc
-    return SQLStore(engines)
+            await upgrade(database)
+        except BaseException:
+            await database.dispose()
+            raise
+    return SQLStore(database)

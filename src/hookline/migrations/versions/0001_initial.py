@@ -56,11 +56,24 @@ def upgrade() -> None:
         sa.Column("lease_token", sa.String(40), nullable=True),
         sa.Column("lease_expires_at", sa.BigInteger, nullable=True),
         sa.Column("event_seq", sa.Integer, nullable=False),
-        sa.UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
-    op.create_index("ix_jobs_claim", "jobs", ["status", "upstream", "priority", "id"])
+    op.create_index(
+        "uq_jobs_tenant_idempotency_key",
+        "jobs",
+        ["tenant", "idempotency_key"],
+        unique=True,
+        sqlite_where=sa.text("idempotency_key IS NOT NULL"),
+        postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+    )
+    op.create_index("ix_jobs_claim", "jobs", ["status", "upstream", sa.text("priority DESC"), "id"])
     op.create_index("ix_jobs_tenant_id", "jobs", ["tenant", "id"])
-    op.create_index("ix_jobs_status_lease", "jobs", ["status", "lease_expires_at"])
+    op.create_index(
+        "ix_jobs_running_lease",
+        "jobs",
+        ["lease_expires_at"],
+        sqlite_where=sa.text("status = 'running'"),
+        postgresql_where=sa.text("status = 'running'"),
+    )
     op.create_table(
         "events",
         sa.Column("id", BigId, primary_key=True, autoincrement=True),
@@ -75,7 +88,6 @@ def upgrade() -> None:
         sa.UniqueConstraint("job_id", "seq", name="uq_events_job_seq"),
         sqlite_autoincrement=True,
     )
-    op.create_index("ix_events_tenant_id", "events", ["tenant", "id"])
 
 
 def downgrade() -> None:

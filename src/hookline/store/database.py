@@ -1,0 +1,191 @@
+"""How store code reaches a database: every operation is a plain function over a SQLAlchemy
+``Connection``, run as one transaction by :meth:`Database.write` or :meth:`Database.read`.
+
+Writing the operations synchronously lets each database run them its best way:
+
+* SQLite (stdlib ``sqlite3``): a whole transaction runs on a dedicated thread in one hand-off.
+  Through an asyncio driver every statement, BEGIN and COMMIT is a hand-off of its own, and those
+  cost more CPU than the SQL itself. Writes go to one writer thread with one connection whose
+  transactions start with ``BEGIN IMMEDIATE`` (writers queue up instead of failing on a lock
+  upgrade); reads use a few more threads and connections, which WAL lets run beside the writer.
+* PostgreSQL (asyncpg): the same function runs in the event loop through SQLAlchemy's
+  ``run_sync`` bridge; no threads.
+
+Errors are translated here, at the boundary, into :mod:`hookline.errors`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import Connection, event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from hookline.errors import InvalidRequest, StoreError, StoreUnavailable
+
+T = TypeVar("T")
+Operation = Callable[[Connection], T]
+
+SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    # FULL: a commit is on disk before we answer 202. Batching accepts keeps the fsyncs few.
+    "PRAGMA synchronous=FULL",
+    "PRAGMA busy_timeout=10000",
+    "PRAGMA foreign_keys=ON",
+)
+_SQLITE_READERS = 4
+_UNAVAILABLE_MARKERS = (
+    "connection",
+    "could not connect",
+    "database is locked",
+    "closed",
+    "timeout",
+)
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def translate_error(exc: BaseException) -> StoreError:
+    """Our exception for a driver's (the cause stays attached by the caller's ``raise … from``)."""
+    if isinstance(exc, (OSError, ConnectionError)):
+        return StoreUnavailable(f"database unreachable: {exc}")
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return StoreUnavailable(f"database connection lost: {exc.orig}")
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
+        text = str(exc).lower()
+        if any(marker in text for marker in _UNAVAILABLE_MARKERS):
+            return StoreUnavailable(f"database unavailable: {exc}")
+    return StoreError(f"database error: {exc}")
+
+
+class Database(abc.ABC):
+    dialect: str
+
+    @abc.abstractmethod
+    async def write(self, operation: Operation[T]) -> T:
+        """Run ``operation`` in one read-write transaction and commit it."""
+
+    @abc.abstractmethod
+    async def read(self, operation: Operation[T]) -> T:
+        """Run ``operation`` on a connection that sees committed data."""
+
+    @abc.abstractmethod
+    async def dispose(self) -> None: ...
+
+
+class SQLiteDatabase(Database):
+    dialect = "sqlite"
+
+    def __init__(self, url: str) -> None:
+        self._writer_engine = self._engine(url, writer=True)
+        self._reader_engine = self._engine(url, writer=False)
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._readers = concurrent.futures.ThreadPoolExecutor(
+            _SQLITE_READERS, thread_name_prefix="sqlite-reader"
+        )
+
+    @staticmethod
+    def _engine(url: str, *, writer: bool) -> sa.Engine:
+        engine = sa.create_engine(
+            url,
+            poolclass=sa.pool.QueuePool,
+            pool_size=1 if writer else _SQLITE_READERS,
+            max_overflow=0,
+            connect_args={"check_same_thread": False},
+            json_serializer=_json_dumps,
+            json_deserializer=orjson.loads,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Take transaction control from the driver so that BEGIN is ours (SQLAlchemy's recipe).
+            dbapi_connection.isolation_level = None
+            for pragma in SQLITE_PRAGMAS:
+                dbapi_connection.execute(pragma)
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+        return engine
+
+    async def write(self, operation: Operation[T]) -> T:
+        return await self._run(self._writer, self._writer_engine, operation)
+
+    async def read(self, operation: Operation[T]) -> T:
+        return await self._run(self._readers, self._reader_engine, operation)
+
+    @staticmethod
+    async def _run(
+        executor: concurrent.futures.Executor, engine: sa.Engine, operation: Operation[T]
+    ) -> T:
+        def transaction() -> T:
+            with engine.begin() as conn:
+                return operation(conn)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, transaction)
+        except sa_exc.SQLAlchemyError as exc:
+            raise translate_error(exc) from exc
+
+    async def dispose(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        self._writer_engine.dispose()
+        self._reader_engine.dispose()
+
+
+class PostgresDatabase(Database):
+    dialect = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_async_engine(
+            url,
+            pool_size=10,
+            max_overflow=10,
+            pool_pre_ping=True,
+            json_serializer=_json_dumps,
+            json_deserializer=orjson.loads,
+        )
+
+    async def write(self, operation: Operation[T]) -> T:
+        try:
+            async with self.engine.begin() as conn:
+                return await conn.run_sync(operation)
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            raise translate_error(exc) from exc
+
+    async def read(self, operation: Operation[T]) -> T:
+        try:
+            async with self.engine.connect() as conn:
+                return await conn.run_sync(operation)
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            raise translate_error(exc) from exc
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def open_database(url: str) -> Database:
+    """A :class:`Database` for a plain ``sqlite:///…`` or ``postgresql://…`` URL."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise InvalidRequest(f"not a database URL: {url!r}") from exc
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return SQLiteDatabase(str(parsed.set(drivername="sqlite+pysqlite")))
+    if backend in ("postgresql", "postgres"):
+        driver_url = parsed.set(drivername="postgresql+asyncpg")
+        return PostgresDatabase(driver_url.render_as_string(hide_password=False))
+    raise InvalidRequest(f"unsupported database {backend!r}: use sqlite:/// or postgresql://")
