@@ -59,10 +59,13 @@ class Gateway:
         log.info("hookline started: database %s, upstreams: %s", self._store.dialect, upstreams)
 
     async def stop(self) -> None:
+        """Drain the worker, finish pending accepts, close the database. Safe to call twice."""
         if self.worker is not None:
             await self.worker.stop()
             self.worker = None
         if self._queue is not None:
             await self._queue.close()
+            self._queue = None
         if self._store is not None:
             await self._store.close()
+            self._store = None

@@ -64,8 +64,10 @@ class LlamaUpstream(Upstream):
         return Llama(model_path=str(path), n_ctx=self.config.context_size, verbose=False)
 
     async def close(self) -> None:
+        model, self._model = self._model, None
+        if model is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, model.close)
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self._model = None
 
     async def run(
         self, operation: Operation, body: dict[str, Any], on_delta: DeltaSink
