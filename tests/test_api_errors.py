@@ -69,6 +69,12 @@ async def test_malformed_json_is_400(live: LiveGateway) -> None:
     await assert_no_jobs(live)
 
 
+async def test_body_that_is_not_json_is_415(live: LiveGateway) -> None:
+    response = await live.client.post("/v1/jobs", data={"operation": "chat.completions"})
+    assert_problem(response, 415, "application/json")
+    await assert_no_jobs(live)
+
+
 async def test_unknown_model_names_the_configured_upstreams(
     database_url: str, upstream: Any
 ) -> None:

@@ -70,6 +70,9 @@ def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("alembic").setLevel(
+        logging.WARNING
+    )  # its INFO lines are noise at every start
 
 
 def _serve_http(settings: Settings, *, run_worker: bool) -> None:

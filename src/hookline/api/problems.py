@@ -76,6 +76,13 @@ async def _validation_handler(request: Request, exc: Exception) -> Response:
             e.get("ctx", {}).get("error", "") for e in errors if e["type"] == "json_invalid"
         )
         return problem(400, f"the request body is not valid JSON: {message}", slug="malformed-json")
+    content_type = request.headers.get("content-type", "")
+    if any(e["loc"] == ("body",) for e in errors) and "json" not in content_type:
+        return problem(
+            415,
+            f"the request body must be JSON: send 'Content-Type: application/json' (got {content_type or 'none'!r})",
+            slug="unsupported-media-type",
+        )
     details = [{"location": _location(e["loc"]), "message": e["msg"]} for e in errors]
     summary = "; ".join(f"{d['location']}: {d['message']}" for d in details[:5])
     return problem(422, summary, slug="validation-error", errors=details)
