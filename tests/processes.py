@@ -15,18 +15,20 @@ from tests.scripted_upstream import free_port
 
 
 def write_config(
-    path: Path, upstream_url: str, *, max_concurrency: int = 4, extra: str = ""
+    path: Path, upstream_url: str, *, max_concurrency: int = 4, lease_seconds: float = 30
 ) -> Path:
     path.write_text(
         f"""
 local_model = false
-{extra}
+
 [jobs]
 retry_base_seconds = 0.05
 
 [worker]
 poll_seconds = 0.2
 drain_seconds = 1.0
+lease_seconds = {lease_seconds}
+heartbeat_seconds = {min(5.0, lease_seconds / 3)}
 
 [[upstreams]]
 name = "scripted"
@@ -106,6 +108,12 @@ class GatewayProcess:
         assert code in (0, -signal.SIGTERM), f"exit {code}:\n{self.log.read_text()}"
         if self.command != "worker":
             assert "Application shutdown complete" in self.log.read_text()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to clean up."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +140,52 @@ def test_api_and_worker_as_separate_processes(tmp_path: Path, env: dict[str, str
     finally:
         api.stop()
         worker.stop()
+
+
+def test_a_crashed_gateway_loses_no_job(
+    tmp_path: Path, env: dict[str, str], threaded_upstream: ScriptedUpstream
+) -> None:
+    env = {
+        **env,
+        "HOOKLINE_CONFIG": str(
+            write_config(tmp_path / "crash.toml", threaded_upstream.base_url, lease_seconds=1)
+        ),
+    }
+    threaded_upstream.script("m", Hang(60))
+    key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {
+        "operation": "chat.completions",
+        "model": "m",
+        "input": {"messages": [{"role": "user", "content": "x"}]},
+    }
+    first = GatewayProcess("serve", env, tmp_path)
+    try:
+        first.start()
+        with httpx.Client(base_url=first.url, headers=headers) as client:
+            running = client.post("/v1/jobs", json=body).json()["id"]
+            queued = [client.post("/v1/jobs", json=body).json()["id"] for _ in range(5)]
+            deadline = time.monotonic() + 10
+            while client.get(f"/v1/jobs/{running}").json()["status"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        first.kill()
+    finally:
+        first.stop()
+
+    threaded_upstream.script("m", Reply())
+    second = GatewayProcess("serve", env, tmp_path)
+    try:
+        second.start()
+        with httpx.Client(base_url=second.url, headers=headers, timeout=30) as client:
+            jobs = [
+                client.get(f"/v1/jobs/{job_id}", params={"wait": 20}).json()
+                for job_id in [running, *queued]
+            ]
+            events = client.get(f"/v1/jobs/{running}/events").json()["data"]
+    finally:
+        second.stop()
+    assert [job["status"] for job in jobs] == ["succeeded"] * 6
+    assert jobs[0]["attempts"] == 2  # the crashed attempt counts
+    assert [e["type"] for e in events].count("job.succeeded") == 1
+    assert any("stopped renewing its lease" in e["data"].get("message", "") for e in events)
