@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -173,22 +174,32 @@ def main() -> None:
         ),
     )
     parser.add_argument("--skip-postgres", action="store_true")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; medians reported"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
-    results: dict[str, dict[str, float]] = {}
+    runs: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        results["bare 202 (ceiling)"] = run_bare(args, workdir)
-        results["hookline, SQLite"] = run_hookline(
-            f"sqlite:///{workdir / 'bench.db'}", args, workdir
-        )
-        if not args.skip_postgres:
-            url = asyncio.run(reset_postgres(args.postgres_url, "hookline_bench"))
-            results["hookline, PostgreSQL"] = run_hookline(url, args, workdir)
+        # Interleaved rounds: the machine is shared and noisy, so each target sees the same weather.
+        for round_no in range(args.rounds):
+            runs.setdefault("bare 202 (ceiling)", []).append(run_bare(args, workdir))
+            sqlite_file = workdir / f"bench-{round_no}.db"
+            runs.setdefault("hookline, SQLite", []).append(
+                run_hookline(f"sqlite:///{sqlite_file}", args, workdir)
+            )
+            if not args.skip_postgres:
+                url = asyncio.run(reset_postgres(args.postgres_url, "hookline_bench"))
+                runs.setdefault("hookline, PostgreSQL", []).append(run_hookline(url, args, workdir))
+    results = {
+        name: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+        for name, rounds in runs.items()
+    }
     ceiling = results["bare 202 (ceiling)"]
     print(
-        f"\nPOST /v1/jobs, {args.connections} connections, {args.seconds} s each (wrk, loopback)\n"
+        f"\nPOST /v1/jobs, {args.connections} connections, {args.seconds} s per run, median of {args.rounds} interleaved rounds (wrk)\n"
     )
     print(
         f"{'run':<24}{'jobs/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'vs ceiling':>11}{'p99 ratio':>10}"

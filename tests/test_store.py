@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 
 import pytest
@@ -202,3 +203,22 @@ async def test_api_keys_resolve_to_their_tenant(store: SQLStore) -> None:
 async def test_unreachable_database_is_store_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         await open_store("postgresql://nobody@127.0.0.1:1/none")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_sqlite_write_waits_for_another_process_without_blocking_the_loop(
+    store: SQLStore, database_url: str
+) -> None:
+    other = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process is writing
+    job = make_job()
+    insert = asyncio.create_task(store.insert_jobs([(job, QUEUED)]))
+    ticks = 0
+    for _ in range(20):  # the event loop keeps running while the insert waits for the lock
+        await asyncio.sleep(0.01)
+        ticks += 1
+    assert not insert.done() and ticks == 20
+    other.execute("COMMIT")
+    other.close()
+    [outcome] = await insert
+    assert not outcome.duplicate and await store.get_job(job.id) == job

@@ -28,12 +28,13 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from hookline.errors import InvalidRequest
 
 DEFAULT_DATABASE_URL = "sqlite:///hookline.db"
 LOCAL_UPSTREAM_NAME = "local"
+_ROUTE_CACHE_SIZE = 10_000
 
 
 class _Section(BaseModel):
@@ -99,6 +100,7 @@ class Settings(_Section):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
+    _routes: dict[str, UpstreamConfig] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_upstreams(self) -> Settings:
@@ -110,8 +112,13 @@ class Settings(_Section):
 
     def upstream_for(self, model: str) -> UpstreamConfig:
         """The first configured upstream whose ``models`` patterns match ``model``."""
+        cached = self._routes.get(model)
+        if cached is not None:
+            return cached
         for upstream in self.upstreams:
             if upstream.serves(model):
+                if len(self._routes) < _ROUTE_CACHE_SIZE:  # glob matching is slow on the hot path
+                    self._routes[model] = upstream
                 return upstream
         configured = ", ".join(f"{u.name} ({', '.join(u.models)})" for u in self.upstreams)
         raise InvalidRequest(
