@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from tests.conftest import LiveGateway, wait_for_status
 from tests.scripted_upstream import Hang, Reply, ScriptedUpstream
@@ -176,15 +177,20 @@ async def test_list_filters_and_paginates(live: LiveGateway, upstream: ScriptedU
     assert both == []
 
 
-async def test_cancel_queued_job_at_once(live: LiveGateway, upstream: ScriptedUpstream) -> None:
+async def fill_every_slot(live: LiveGateway, upstream: ScriptedUpstream) -> list[dict[str, Any]]:
+    """Occupy all 8 slots of the upstream with hanging jobs, so the next job stays queued."""
     upstream.script("hang", Hang(30))
-    # Fill every slot of the upstream so the next job stays queued.
     blockers = [
         (await live.client.post("/v1/jobs", json={**CHAT, "model": "hang"})).json()
         for _ in range(8)
     ]
     for blocker in blockers:
         await wait_for_status(live.client, blocker["id"], {"running"})
+    return blockers
+
+
+async def test_cancel_queued_job_at_once(live: LiveGateway, upstream: ScriptedUpstream) -> None:
+    await fill_every_slot(live, upstream)
     queued = (await live.client.post("/v1/jobs", json=CHAT)).json()
     response = await live.client.post(f"/v1/jobs/{queued['id']}/cancel")
     assert response.status_code == 200
@@ -220,13 +226,7 @@ async def test_cancel_running_job_aborts_the_upstream_call(
 
 
 async def test_priority_runs_first(live: LiveGateway, upstream: ScriptedUpstream) -> None:
-    upstream.script("hang", Hang(30))
-    blockers = [
-        (await live.client.post("/v1/jobs", json={**CHAT, "model": "hang"})).json()
-        for _ in range(8)
-    ]
-    for blocker in blockers:
-        await wait_for_status(live.client, blocker["id"], {"running"})
+    blockers = await fill_every_slot(live, upstream)
     low = (await live.client.post("/v1/jobs", json={**CHAT, "model": "low"})).json()
     high = (
         await live.client.post("/v1/jobs", json={**CHAT, "model": "high", "priority": 10})

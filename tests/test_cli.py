@@ -14,6 +14,13 @@ from tests.processes import GatewayProcess, hookline, write_config
 from tests.scripted_upstream import Hang, Reply, ScriptedUpstream, ThreadedUpstream
 
 
+CHAT = {
+    "operation": "chat.completions",
+    "model": "m",
+    "input": {"messages": [{"role": "user", "content": "x"}]},
+}
+
+
 @pytest.fixture
 def threaded_upstream() -> Iterator[ScriptedUpstream]:
     with ThreadedUpstream() as upstream:
@@ -85,16 +92,11 @@ def test_restart_with_100_queued_jobs_finishes_them_all(
     threaded_upstream.script("m", Hang(60))
     key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
     headers = {"Authorization": f"Bearer {key}"}
-    body = {
-        "operation": "chat.completions",
-        "model": "m",
-        "input": {"messages": [{"role": "user", "content": "x"}]},
-    }
     first = GatewayProcess("serve", env, tmp_path)
     try:
         first.start()
         with httpx.Client(base_url=first.url, headers=headers) as client:
-            ids = [client.post("/v1/jobs", json=body).json()["id"] for _ in range(100)]
+            ids = [client.post("/v1/jobs", json=CHAT).json()["id"] for _ in range(100)]
         first.terminate()
     finally:
         first.stop()
@@ -122,20 +124,15 @@ def test_api_and_worker_as_separate_processes(tmp_path: Path, env: dict[str, str
     worker = GatewayProcess("worker", env, tmp_path)
     try:
         api.start()
-        body = {
-            "operation": "chat.completions",
-            "model": "m",
-            "input": {"messages": [{"role": "user", "content": "split"}]},
-        }
         with httpx.Client(
             base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
         ) as client:
-            job = client.post("/v1/jobs", json=body).json()
+            job = client.post("/v1/jobs", json=CHAT).json()
             assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
             worker.start()
             done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 20}).json()
         assert done["status"] == "succeeded"
-        assert done["output"]["choices"][0]["message"]["content"] == "echo: split"
+        assert done["output"]["choices"][0]["message"]["content"] == "echo: x"
         worker.terminate()
     finally:
         api.stop()
@@ -154,17 +151,12 @@ def test_a_crashed_gateway_loses_no_job(
     threaded_upstream.script("m", Hang(60))
     key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
     headers = {"Authorization": f"Bearer {key}"}
-    body = {
-        "operation": "chat.completions",
-        "model": "m",
-        "input": {"messages": [{"role": "user", "content": "x"}]},
-    }
     first = GatewayProcess("serve", env, tmp_path)
     try:
         first.start()
         with httpx.Client(base_url=first.url, headers=headers) as client:
-            running = client.post("/v1/jobs", json=body).json()["id"]
-            queued = [client.post("/v1/jobs", json=body).json()["id"] for _ in range(5)]
+            running = client.post("/v1/jobs", json=CHAT).json()["id"]
+            queued = [client.post("/v1/jobs", json=CHAT).json()["id"] for _ in range(5)]
             deadline = time.monotonic() + 10
             while client.get(f"/v1/jobs/{running}").json()["status"] != "running":
                 assert time.monotonic() < deadline

@@ -188,16 +188,18 @@ class PostgresDatabase(Database):
         )
 
     async def write(self, operation: Operation[T]) -> T:
-        try:
-            async with self.engine.begin() as conn:
-                return await conn.run_sync(operation)
-        except (sa_exc.SQLAlchemyError, OSError) as exc:
-            raise translate_error(exc) from exc
+        return await self._run(operation, commit=True)
 
     async def read(self, operation: Operation[T]) -> T:
+        return await self._run(operation, commit=False)
+
+    async def _run(self, operation: Operation[T], *, commit: bool) -> T:
         try:
             async with self.engine.connect() as conn:
-                return await conn.run_sync(operation)
+                result = await conn.run_sync(operation)
+                if commit:
+                    await conn.commit()
+                return result
         except (sa_exc.SQLAlchemyError, OSError) as exc:
             raise translate_error(exc) from exc
 
