@@ -13,7 +13,6 @@ import pytest
 from tests.processes import GatewayProcess, hookline, write_config
 from tests.scripted_upstream import Hang, Reply, ScriptedUpstream, ThreadedUpstream
 
-
 CHAT = {
     "operation": "chat.completions",
     "model": "m",
