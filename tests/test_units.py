@@ -15,7 +15,7 @@ from hookline.ids import has_prefix, new_id
 from hookline.jobs import JobStatus, Operation, check_transition
 from hookline.queue import JobQueue
 from hookline.upstreams.assembly import StreamAssembler
-from hookline.upstreams.openai import parse_retry_after
+from hookline.httputil import parse_retry_after
 
 
 def test_ids_are_prefixed_unique_and_increasing() -> None:

@@ -89,6 +89,40 @@ class WorkerConfig(_Section):
     maintenance_seconds: float = Field(default=1.0, gt=0)
 
 
+class WebhooksConfig(_Section):
+    timeout_seconds: float = Field(default=15.0, gt=0)
+    # Waits after the first attempt; the default outlasts OpenAI's 72 hours.
+    retry_schedule_seconds: list[float] = Field(
+        default_factory=lambda: [
+            5.0,
+            300.0,
+            1800.0,
+            7200.0,
+            18000.0,
+            36000.0,
+            50400.0,
+            72000.0,
+            86400.0,
+        ],
+        min_length=1,
+    )
+    disable_after_seconds: float = Field(default=5 * 86400, gt=0)
+    secret_overlap_seconds: float = Field(default=86400, ge=0)
+    allow_private_networks: bool = False
+    allowed_networks: list[str] = Field(default_factory=list)
+    max_in_flight_per_endpoint: int = Field(default=8, ge=1)
+    max_in_flight: int = Field(default=256, ge=1)
+    poll_seconds: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_networks(self) -> WebhooksConfig:
+        import ipaddress
+
+        for network in self.allowed_networks:
+            ipaddress.ip_network(network, strict=False)  # raises ValueError, reported by pydantic
+        return self
+
+
 class Settings(_Section):
     database_url: str = DEFAULT_DATABASE_URL
     host: str = "127.0.0.1"
@@ -99,6 +133,7 @@ class Settings(_Section):
     log_level: str = "info"
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     _routes: dict[str, UpstreamConfig] = PrivateAttr(default_factory=dict)
 

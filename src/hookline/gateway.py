@@ -13,6 +13,8 @@ from hookline.clock import Clock, SystemClock
 from hookline.config import Settings
 from hookline.notify import Notifier
 from hookline.queue import JobQueue
+from hookline.sender import WebhookSender
+from hookline.ssrf import AddressPolicy
 from hookline.store import SQLStore, open_store
 from hookline.upstreams import build_upstreams
 from hookline.worker import Worker
@@ -32,6 +34,8 @@ class Gateway:
         self._queue: JobQueue | None = None
         self._keys: KeyRing | None = None
         self.worker: Worker | None = None
+        self.sender: WebhookSender | None = None
+        self.address_policy = AddressPolicy(settings.webhooks)
 
     @property
     def store(self) -> SQLStore:
@@ -55,6 +59,10 @@ class Gateway:
         if self.run_worker:
             self.worker = Worker(self._queue, build_upstreams(self.settings), self.settings.worker)
             await self.worker.start()
+            self.sender = WebhookSender(
+                self._store.webhooks, self.settings.webhooks, self.clock, self.notifier
+            )
+            await self.sender.start()
         upstreams = ", ".join(f"{u.name} ({u.type})" for u in self.settings.upstreams) or "none"
         log.info("hookline started: database %s, upstreams: %s", self._store.dialect, upstreams)
 
@@ -63,6 +71,9 @@ class Gateway:
         if self.worker is not None:
             await self.worker.stop()
             self.worker = None
+        if self.sender is not None:
+            await self.sender.stop()
+            self.sender = None
         if self._queue is not None:
             await self._queue.close()
             self._queue = None

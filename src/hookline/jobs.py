@@ -9,6 +9,7 @@ conditional UPDATE so that two actors (a worker finishing, a caller cancelling) 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 from collections.abc import Mapping
 from typing import Any
@@ -91,6 +92,7 @@ class Job:
     lease_token: str | None
     lease_expires_at: int | None
     event_seq: int
+    webhook: dict[str, Any] | None = None  # {"url": ..., "events": [...]}
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Job:
@@ -115,3 +117,36 @@ class Job:
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Job))
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    base = f"/v1/jobs/{job.id}"
+    return {
+        "id": job.id,
+        "object": "job",
+        "status": job.status.value,
+        "operation": job.operation.value,
+        "model": job.model,
+        "upstream": job.upstream,
+        "input": job.input,
+        "output": job.output,
+        "error": job.error,
+        "metadata": job.metadata,
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "idempotency_key": job.idempotency_key,
+        "webhook": job.webhook,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "expires_at": iso(job.expires_at),
+        "links": {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel"},
+    }

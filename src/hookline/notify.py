@@ -15,6 +15,9 @@ from collections.abc import Callable
 
 Listener = Callable[[str], None]
 
+# Webhook messages were written to the outbox: wakes the sender.
+DELIVERIES_AVAILABLE = "deliveries.available"
+
 
 class Notifier:
     def __init__(self) -> None:

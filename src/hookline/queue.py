@@ -23,7 +23,7 @@ from hookline.errors import Conflict, NotFound
 from hookline.events import Event, EventType, NewEvent
 from hookline.ids import new_id
 from hookline.jobs import Job, JobStatus, Operation
-from hookline.notify import Notifier
+from hookline.notify import DELIVERIES_AVAILABLE, Notifier
 from hookline.store.base import Store, Transitioned
 
 JOBS_AVAILABLE = "jobs.available"
@@ -44,6 +44,7 @@ class SubmitRequest:
     priority: int = 0
     ttl_seconds: float | None = None
     idempotency_key: str | None = None
+    webhook: dict[str, Any] | None = None
 
     def fingerprint(self) -> str:
         """A hash of everything the caller sent, to tell a true retry from a reused key."""
@@ -54,6 +55,7 @@ class SubmitRequest:
             "metadata": self.metadata,
             "priority": self.priority,
             "ttl_seconds": self.ttl_seconds,
+            "webhook": self.webhook,
         }
         return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
@@ -134,6 +136,7 @@ class JobQueue:
             lease_token=None,
             lease_expires_at=None,
             event_seq=1,
+            webhook=request.webhook,
         )
         outcome = await self._writer.insert(job, NewEvent(EventType.QUEUED, {}))
         if outcome.duplicate:
@@ -143,6 +146,7 @@ class JobQueue:
                 raise Conflict("idempotency key collided with a job that no longer exists")
             return self._replayed(existing, fingerprint), False
         self.notifier.publish(JOBS_AVAILABLE)
+        self.notifier.publish(DELIVERIES_AVAILABLE)
         return job, True
 
     @staticmethod
@@ -231,6 +235,7 @@ class JobQueue:
         if appended is None:
             return False
         self.notifier.publish(job_topic(job.id))
+        self.notifier.publish(DELIVERIES_AVAILABLE)
         return True
 
     async def succeed(self, job: Job, lease_token: str, output: dict[str, Any]) -> Job | None:
@@ -347,4 +352,5 @@ class JobQueue:
         if result is None:
             return None
         self.notifier.publish(job_topic(result.job.id))
+        self.notifier.publish(DELIVERIES_AVAILABLE)
         return result.job

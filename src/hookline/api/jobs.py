@@ -10,11 +10,12 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from hookline.api.deps import GatewayDep, TenantDep
-from hookline.api.schemas import EventList, JobCreate, JobList, JobOut, event_json, job_json
+from hookline.api.schemas import EventList, JobCreate, JobList, JobOut, event_json
 from hookline.errors import InvalidRequest
 from hookline.gateway import Gateway
-from hookline.jobs import JobStatus, Operation
+from hookline.jobs import JobStatus, Operation, job_json
 from hookline.queue import SubmitRequest
+from hookline.ssrf import check_url
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -75,6 +76,10 @@ async def submit_job(body: JobCreate, request: Request) -> Response:
         raise InvalidRequest("the Idempotency-Key header is longer than 256 characters")
     assert body.model is not None  # filled in by the validator
     upstream = gateway.settings.upstream_for(body.model)
+    webhook = None
+    if body.webhook is not None:
+        await check_url(body.webhook.url, gateway.address_policy)
+        webhook = body.webhook.model_dump()
     submission = SubmitRequest(
         operation=body.operation,
         input=body.input,
@@ -84,6 +89,7 @@ async def submit_job(body: JobCreate, request: Request) -> Response:
         priority=body.priority,
         ttl_seconds=body.ttl_seconds,
         idempotency_key=idempotency_key,
+        webhook=webhook,
     )
     job, _created = await gateway.queue.submit(tenant, submission)
     wait = _prefer_wait(headers.get("prefer"), gateway.settings.jobs.max_wait_seconds)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hookline.events import Event
-from hookline.jobs import Job, JobStatus, Operation
+from hookline.events import Event, EventType
+from hookline.jobs import JobStatus, Operation, iso
 
 # What each operation's OpenAI request body must contain at the least.
 _REQUIRED_INPUT: dict[Operation, tuple[str, type | tuple[type, ...]]] = {
@@ -16,6 +15,34 @@ _REQUIRED_INPUT: dict[Operation, tuple[str, type | tuple[type, ...]]] = {
     Operation.COMPLETIONS: ("prompt", (str, list)),
     Operation.EMBEDDINGS: ("input", (str, list)),
 }
+
+
+KNOWN_EVENT_FILTERS = frozenset({*(e.value for e in EventType), "*", "job.*"})
+
+
+def check_event_filters(events: list[str] | None) -> list[str] | None:
+    unknown = sorted(set(events or ()) - KNOWN_EVENT_FILTERS)
+    if unknown:
+        raise ValueError(f"unknown event types {unknown}; known: {sorted(KNOWN_EVENT_FILTERS)}")
+    return events
+
+
+class WebhookSpec(BaseModel):
+    """Where to POST this job's events; signed with the tenant's secret (GET /v1/webhook-secret)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048)
+    events: list[str] | None = Field(
+        default=None,
+        max_length=32,
+        description="Event types to send; default: the terminal ones.",
+    )
+
+    @model_validator(mode="after")
+    def _check_events(self) -> WebhookSpec:
+        check_event_filters(self.events)
+        return self
 
 
 class JobCreate(BaseModel):
@@ -36,6 +63,7 @@ class JobCreate(BaseModel):
         le=30 * 86400,
         description="Expire the job if it has not started by then.",
     )
+    webhook: WebhookSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> JobCreate:
@@ -108,38 +136,6 @@ class EventOut(BaseModel):
 class EventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[EventOut]
-
-
-def iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def job_json(job: Job) -> dict[str, Any]:
-    base = f"/v1/jobs/{job.id}"
-    return {
-        "id": job.id,
-        "object": "job",
-        "status": job.status.value,
-        "operation": job.operation.value,
-        "model": job.model,
-        "upstream": job.upstream,
-        "input": job.input,
-        "output": job.output,
-        "error": job.error,
-        "metadata": job.metadata,
-        "priority": job.priority,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "idempotency_key": job.idempotency_key,
-        "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
-        "expires_at": iso(job.expires_at),
-        "links": {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel"},
-    }
 
 
 def event_json(event: Event) -> dict[str, Any]:

@@ -55,6 +55,7 @@ jobs = sa.Table(
     sa.Column("lease_token", sa.String(40), nullable=True),
     sa.Column("lease_expires_at", sa.BigInteger, nullable=True),
     sa.Column("event_seq", sa.Integer, nullable=False),
+    sa.Column("webhook", JSONType, nullable=True),  # {"url", "events"} of a per-job webhook
     # Partial indexes: most jobs have no idempotency key and are not running, and an index entry
     # that is never looked up still costs every insert.
     sa.Index(
@@ -89,5 +90,92 @@ events = sa.Table(
     sa.Column("data", JSONType, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.UniqueConstraint("job_id", "seq", name="uq_events_job_seq"),
+    sqlite_autoincrement=True,
+)
+
+# --- webhooks
+
+webhook_endpoints = sa.Table(
+    "webhook_endpoints",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("description", sa.String(512), nullable=True),
+    sa.Column("events", JSONType, nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("disabled_reason", sa.String(512), nullable=True),
+    sa.Column("rate_limit_per_second", sa.Float, nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("last_success_at", sa.BigInteger, nullable=True),
+    sa.Column("failing_since", sa.BigInteger, nullable=True),
+    sa.Index("ix_webhook_endpoints_tenant", "tenant", "id"),
+)
+
+# Signing secrets: endpoint_id NULL is the tenant's default secret (for per-job webhook URLs).
+# A rotated-out secret keeps signing until retires_at.
+webhook_secrets = sa.Table(
+    "webhook_secrets",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("endpoint_id", sa.String(40), nullable=True),
+    sa.Column("secret", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("retires_at", sa.BigInteger, nullable=True),
+    sa.Index("ix_webhook_secrets_owner", "tenant", "endpoint_id"),
+)
+
+# The outbox: one row per message to send, written in the transaction of the event it reports.
+# Its id is the message's stable webhook-id. order_key is destination + job: only the oldest
+# pending message of an order_key may be sent, which keeps one job's messages in order.
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("endpoint_id", sa.String(40), nullable=True),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("job_id", sa.String(40), nullable=True),
+    sa.Column("event_type", sa.String(64), nullable=False),
+    sa.Column("payload", JSONType, nullable=False),
+    sa.Column("order_key", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", sa.BigInteger, nullable=False),
+    sa.Column("lease_token", sa.String(40), nullable=True),
+    sa.Column("lease_expires_at", sa.BigInteger, nullable=True),
+    sa.Column("last_status_code", sa.Integer, nullable=True),
+    sa.Column("last_error", sa.String(1024), nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Index(
+        "ix_deliveries_due",
+        "next_attempt_at",
+        sqlite_where=sa.text("status = 'pending'"),
+        postgresql_where=sa.text("status = 'pending'"),
+    ),
+    sa.Index("ix_deliveries_order", "order_key", "status", "id"),
+    sa.Index("ix_deliveries_tenant", "tenant", "id"),
+    sa.Index("ix_deliveries_endpoint", "endpoint_id", "status", "id"),
+)
+
+delivery_attempts = sa.Table(
+    "delivery_attempts",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "delivery_id",
+        sa.String(40),
+        sa.ForeignKey("deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("attempted_at", sa.BigInteger, nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=True),
+    sa.Column("latency_ms", sa.Integer, nullable=False),
+    sa.Column("error", sa.String(1024), nullable=True),
+    sa.Column("response_excerpt", sa.Text, nullable=True),
+    sa.Index("ix_delivery_attempts_delivery", "delivery_id", "id"),
     sqlite_autoincrement=True,
 )

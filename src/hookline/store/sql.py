@@ -19,6 +19,7 @@ from hookline.jobs import Job, JobStatus, sources_for
 from hookline.store.base import AcceptOutcome, Store, Transitioned
 from hookline.store.database import Database, open_database
 from hookline.store.schema import api_keys, events, jobs
+from hookline.store.webhook_sql import DeliveryStore, enqueue_deliveries
 
 # --- named statements
 
@@ -90,7 +91,7 @@ def _bump_seq_if_held(job_id: str, lease_token: str, n_events: int, now: int) ->
             jobs.c.lease_token == lease_token,
         )
         .values(event_seq=jobs.c.event_seq + n_events, updated_at=now)
-        .returning(jobs.c.event_seq, jobs.c.tenant)
+        .returning(jobs.c.event_seq, jobs.c.tenant, jobs.c.webhook)
     )
 
 
@@ -109,21 +110,33 @@ def _event_row(job_id: str, tenant: str, seq: int, event: NewEvent, now: int) ->
 
 
 def _append(
-    conn: Connection, job_id: str, tenant: str, last_seq: int, new: Sequence[NewEvent], now: int
+    conn: Connection,
+    job_id: str,
+    tenant: str,
+    last_seq: int,
+    new: Sequence[NewEvent],
+    now: int,
+    *,
+    job: Job | None,
+    webhook: dict[str, Any] | None,
 ) -> list[Event]:
-    """Insert ``new`` as the events ending at ``last_seq`` (the job row was bumped already)."""
+    """Insert ``new`` as the events ending at ``last_seq`` (the job row was bumped already), and
+    the webhook messages that report them."""
     if not new:
         return []
     first = last_seq - len(new) + 1
     rows = [_event_row(job_id, tenant, first + i, event, now) for i, event in enumerate(new)]
     result = conn.execute(_insert_events, rows).mappings()
-    return sorted((Event.from_row(r) for r in result), key=lambda e: e.seq)
+    appended = sorted((Event.from_row(r) for r in result), key=lambda e: e.seq)
+    enqueue_deliveries(conn, [(event, job, webhook) for event in appended], now)
+    return appended
 
 
 class SQLStore(Store):
     def __init__(self, database: Database) -> None:
         self.database = database
         self.dialect = database.dialect
+        self.webhooks = DeliveryStore(database)
 
     async def close(self) -> None:
         await self.database.dispose()
@@ -159,12 +172,18 @@ class SQLStore(Store):
         def insert(conn: Connection) -> list[AcceptOutcome]:
             conn.execute(sa.insert(jobs), [job.as_row() for job, _ in items])
             # No RETURNING: nothing on the accept path needs the event's id, and it costs.
-            conn.execute(
-                sa.insert(events),
+            rows = [
+                _event_row(job.id, job.tenant, job.event_seq, event, job.created_at)
+                for job, event in items
+            ]
+            conn.execute(sa.insert(events), rows)
+            enqueue_deliveries(
+                conn,
                 [
-                    _event_row(job.id, job.tenant, job.event_seq, event, job.created_at)
-                    for job, event in items
+                    (Event.from_row({"id": 0, **row}), job, job.webhook)
+                    for (job, _), row in zip(items, rows, strict=True)
                 ],
+                items[0][0].created_at,
             )
             return [AcceptOutcome(job) for job, _ in items]
 
@@ -256,6 +275,8 @@ class SQLStore(Store):
                         job.event_seq,
                         [NewEvent(EventType.STARTED, {"attempt": job.attempts})],
                         now,
+                        job=job,
+                        webhook=job.webhook,
                     ),
                 )
                 for job in claimed
@@ -301,7 +322,10 @@ class SQLStore(Store):
             if row is None:
                 return None
             job = Job.from_row(row)
-            return Transitioned(job, _append(conn, job.id, job.tenant, job.event_seq, events, now))
+            appended = _append(
+                conn, job.id, job.tenant, job.event_seq, events, now, job=job, webhook=job.webhook
+            )
+            return Transitioned(job, appended)
 
         return await self.database.write(apply)
 
@@ -316,8 +340,8 @@ class SQLStore(Store):
             row = conn.execute(statement).first()
             if row is None:
                 return None
-            last_seq, tenant = row
-            return _append(conn, job_id, tenant, last_seq, events, now)
+            last_seq, tenant, webhook = row
+            return _append(conn, job_id, tenant, last_seq, events, now, job=None, webhook=webhook)
 
         return await self.database.write(append)
 

@@ -8,14 +8,13 @@ the non-streaming response shape.
 
 from __future__ import annotations
 
-import email.utils
-import time
 from typing import Any
 
 import aiohttp
 import orjson
 
 from hookline.config import UpstreamConfig
+from hookline.httputil import parse_retry_after
 from hookline.jobs import Operation
 from hookline.upstreams.assembly import StreamAssembler
 from hookline.upstreams.base import DeltaSink, Upstream, UpstreamError
@@ -26,22 +25,6 @@ PATHS = {
     Operation.EMBEDDINGS: "/embeddings",
 }
 _ERROR_BODY_LIMIT = 64 * 1024
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class OpenAIUpstream(Upstream):

@@ -1,0 +1,234 @@
+"""The webhook sender: works through the delivery outbox and POSTs each message, signed.
+
+It claims due messages that head their (destination, job) queue, so one job's messages reach one
+destination in order while other jobs and destinations go on; a claim is a lease, so no message is
+sent by two processes at once and a crash mid-send means a resend after the lease runs out (at
+least once; receivers dedupe on ``webhook-id``). Per destination it keeps at most
+``max_in_flight_per_endpoint`` sends in flight and honours an endpoint's rate limit. Failures are
+retried on ``retry_schedule_seconds`` (±20% jitter, never sooner than a 429/503's Retry-After); a
+410 disables the endpoint; an endpoint failing without a success for ``disable_after_seconds`` is
+disabled; a message whose schedule runs out is ``failed`` (a dead letter, replayable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import aiohttp
+import orjson
+
+from hookline.clock import Clock
+from hookline.config import WebhooksConfig
+from hookline.deliveries import AttemptOutcome, Delivery
+from hookline.errors import StoreError
+from hookline.httputil import parse_retry_after
+from hookline.ids import new_id
+from hookline.notify import DELIVERIES_AVAILABLE, Notifier
+from hookline.ssrf import AddressPolicy, GuardedResolver, check_url_syntax
+from hookline.store.webhook_sql import DeliveryStore
+from hookline.webhooks import headers_for
+
+log = logging.getLogger("hookline.webhooks")
+_EXCERPT_BYTES = 1024
+
+
+def destination(delivery: Delivery) -> str:
+    return delivery.order_key.split("|", 1)[0]
+
+
+class TokenBucket:
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = max(1.0, rate)
+        self.updated = time.monotonic()
+
+    def available(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        return self.tokens >= 1.0
+
+    def take(self) -> None:
+        self.tokens -= 1.0
+
+
+class WebhookSender:
+    def __init__(
+        self, store: DeliveryStore, config: WebhooksConfig, clock: Clock, notifier: Notifier
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.notifier = notifier
+        self.policy = AddressPolicy(config)
+        self._in_flight: Counter[str] = Counter()
+        self._buckets: dict[str, TokenBucket] = {}
+        self._rates: dict[str, float | None] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._unsubscribe: Callable[[], None] = lambda: None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(resolver=GuardedResolver(self.policy), limit=0),
+            timeout=aiohttp.ClientTimeout(total=self.config.timeout_seconds),
+        )
+        self._unsubscribe = self.notifier.subscribe(
+            DELIVERIES_AVAILABLE, lambda _: self._wake.set()
+        )
+        self._loop_task = asyncio.create_task(self._run(), name="hookline-webhooks")
+
+    async def stop(self) -> None:
+        self._unsubscribe()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if (
+            self._tasks
+        ):  # sends in flight finish (bounded by the timeout); the rest keep their lease
+            await asyncio.wait(self._tasks, timeout=self.config.timeout_seconds)
+        if self._session is not None:
+            await self._session.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                claimed = await self._claim()
+            except StoreError as exc:
+                log.warning("claiming webhook messages failed: %s", exc)
+                claimed = 0
+            if claimed == 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.poll_seconds):
+                        await self._wake.wait()
+
+    def _saturated(self) -> set[str]:
+        limit = self.config.max_in_flight_per_endpoint
+        busy = {d for d, n in self._in_flight.items() if n >= limit}
+        busy |= {d for d, bucket in self._buckets.items() if not bucket.available()}
+        return busy
+
+    async def _claim(self) -> int:
+        room = self.config.max_in_flight - len(self._tasks)
+        if room <= 0:
+            return 0
+        now = self.clock.now_ms()
+        lease_ms = int((self.config.timeout_seconds + 30) * 1000)
+        batch = await self.store.claim_due(
+            now, min(room, 100), new_id("lease"), now + lease_ms, self._saturated()
+        )
+        for delivery in batch:
+            task = asyncio.create_task(self._send(delivery))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return len(batch)
+
+    async def _send(self, delivery: Delivery) -> None:
+        dest = destination(delivery)
+        self._in_flight[dest] += 1
+        try:
+            await self._rate_limit(delivery, dest)
+            outcome = await self._post(delivery)
+            now = self.clock.now_ms()
+            if not outcome.succeeded and delivery.endpoint_id is not None:
+                outcome = await self._maybe_break_circuit(delivery, outcome, now)
+            assert delivery.lease_token is not None
+            await self.store.record_attempt(delivery, delivery.lease_token, outcome, now)
+            if outcome.disable_endpoint:
+                log.warning(
+                    "endpoint %s disabled: %s", delivery.endpoint_id, outcome.disable_endpoint
+                )
+        except StoreError as exc:
+            log.warning("recording delivery %s failed (it will be resent): %s", delivery.id, exc)
+        finally:
+            self._in_flight[dest] -= 1
+            self._wake.set()  # the next message of this job may now go
+
+    async def _rate_limit(self, delivery: Delivery, dest: str) -> None:
+        if delivery.endpoint_id is None:
+            return
+        endpoint = await self.store.get_endpoint(delivery.tenant, delivery.endpoint_id)
+        rate = endpoint.rate_limit_per_second if endpoint else None
+        if rate is None:
+            self._buckets.pop(dest, None)
+            return
+        bucket = self._buckets.get(dest)
+        if bucket is None or bucket.rate != rate:
+            bucket = self._buckets[dest] = TokenBucket(rate)
+        while not bucket.available():  # noqa: ASYNC110 (tokens refill with time, no event)
+            await asyncio.sleep(1.0 / rate)
+        bucket.take()
+
+    async def _post(self, delivery: Delivery) -> AttemptOutcome:
+        assert self._session is not None
+        body = orjson.dumps(delivery.payload)
+        secrets = await self.store.signing_secrets(
+            delivery.tenant, delivery.endpoint_id, self.clock.now_ms()
+        )
+        # The signature's timestamp is wall-clock time: receivers check it against theirs.
+        headers = headers_for(delivery.id, int(time.time()), body, secrets)
+        started = time.monotonic()
+        status: int | None = None
+        excerpt: str | None = None
+        retry_after: float | None = None
+        try:
+            check_url_syntax(delivery.url, self.policy)
+            async with self._session.post(
+                delivery.url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                status = response.status
+                excerpt = (await response.content.read(_EXCERPT_BYTES)).decode(errors="replace")
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            error = None if 200 <= status < 300 else f"receiver answered HTTP {status}"
+        except TimeoutError:
+            error = f"no answer within {self.config.timeout_seconds:g} s"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"[:1024]
+        except Exception as exc:  # an invalid URL and the like: a failed attempt, not a crash
+            error = f"{type(exc).__name__}: {exc}"[:1024]
+        latency_ms = int((time.monotonic() - started) * 1000)
+        if error is None:
+            return AttemptOutcome(status, latency_ms, None, excerpt, True, None)
+        if status == 410:
+            reason = "the receiver answered 410 Gone"
+            return AttemptOutcome(status, latency_ms, error, excerpt, False, None,
+                                  disable_endpoint=reason if delivery.endpoint_id else None)  # fmt: skip
+        next_at = self._next_attempt(delivery.attempts + 1, status, retry_after)
+        return AttemptOutcome(status, latency_ms, error, excerpt, False, next_at)
+
+    def _next_attempt(
+        self, attempts: int, status: int | None, retry_after: float | None
+    ) -> int | None:
+        schedule = self.config.retry_schedule_seconds
+        if attempts > len(schedule):
+            return None  # dead letter
+        wait = schedule[attempts - 1] * random.uniform(0.8, 1.2)
+        if status in (429, 503) and retry_after is not None:
+            wait = max(wait, retry_after)
+        return self.clock.now_ms() + int(wait * 1000)
+
+    async def _maybe_break_circuit(
+        self, delivery: Delivery, outcome: AttemptOutcome, now: int
+    ) -> AttemptOutcome:
+        assert delivery.endpoint_id is not None
+        since = await self.store.failing_since(delivery.endpoint_id)
+        window_ms = int(self.config.disable_after_seconds * 1000)
+        if since is None or now - since < window_ms or outcome.disable_endpoint:
+            return outcome
+        reason = f"failing without a success for {self.config.disable_after_seconds / 86400:g} days"
+        return AttemptOutcome(
+            outcome.status_code, outcome.latency_ms, outcome.error, outcome.response_excerpt,
+            False, outcome.next_attempt_at, disable_endpoint=reason,
+        )  # fmt: skip

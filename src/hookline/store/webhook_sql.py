@@ -1,0 +1,451 @@
+"""Webhook storage: endpoints, secrets, and the delivery outbox (same Database as the jobs).
+
+:func:`enqueue_deliveries` runs inside the transaction that appends events, so a message exists
+exactly when the event it reports does (the transactional outbox).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from hookline.deliveries import Attempt, AttemptOutcome, Delivery, Endpoint
+from hookline.events import Event
+from hookline.ids import new_id
+from hookline.jobs import Job
+from hookline.store.database import Database
+from hookline.store.schema import deliveries, delivery_attempts, webhook_endpoints, webhook_secrets
+from hookline.webhooks import DEFAULT_JOB_EVENTS, matches, message_body, new_secret
+
+PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
+# A reported event: the event, the job when its state is at hand, and the job's own webhook.
+Reported = tuple[Event, Job | None, dict[str, Any] | None]
+
+
+def order_key(endpoint_id: str | None, url: str, job_id: str | None) -> str:
+    destination = endpoint_id or "url_" + hashlib.sha256(url.encode()).hexdigest()[:24]
+    return f"{destination}|{job_id or ''}"
+
+
+def enqueue_deliveries(conn: Connection, reported: Sequence[Reported], now: int) -> int:
+    """Insert one message per (event, subscribed destination). Returns how many."""
+    if not reported:
+        return 0
+    tenants = {event.tenant for event, _, _ in reported}
+    endpoints: defaultdict[str, list[Any]] = defaultdict(list)
+    query = sa.select(
+        webhook_endpoints.c.id,
+        webhook_endpoints.c.tenant,
+        webhook_endpoints.c.url,
+        webhook_endpoints.c.events,
+    ).where(webhook_endpoints.c.tenant.in_(tenants))
+    for row in conn.execute(query):
+        endpoints[row.tenant].append(row)
+    rows: list[dict[str, Any]] = []
+    for event, job, webhook in reported:
+        destinations = [
+            (ep.id, ep.url) for ep in endpoints[event.tenant] if matches(ep.events, event.type)
+        ]
+        if webhook and matches(webhook.get("events") or DEFAULT_JOB_EVENTS, event.type):
+            destinations.append((None, webhook["url"]))
+        if not destinations:
+            continue
+        body = message_body(event, job)
+        for endpoint_id, url in destinations:
+            rows.append(
+                {
+                    "id": new_id("msg"),
+                    "tenant": event.tenant,
+                    "endpoint_id": endpoint_id,
+                    "url": url,
+                    "job_id": event.job_id,
+                    "event_type": event.type.value,
+                    "payload": body,
+                    "order_key": order_key(endpoint_id, url, event.job_id),
+                    "status": PENDING,
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+    if rows:
+        conn.execute(sa.insert(deliveries), rows)
+    return len(rows)
+
+
+def _due(now: int, limit: int, busy: Collection[str]) -> sa.Select[tuple[str]]:
+    """Heads of their order_key that are due, not leased, whose endpoint is enabled, and whose
+    destination is not in ``busy`` (at its concurrency or rate limit in this process)."""
+    earlier = deliveries.alias("earlier")
+    query = (
+        sa.select(deliveries.c.id)
+        .select_from(
+            deliveries.outerjoin(
+                webhook_endpoints, webhook_endpoints.c.id == deliveries.c.endpoint_id
+            )
+        )
+        .where(
+            deliveries.c.status == sa.literal_column("'pending'"),
+            deliveries.c.next_attempt_at <= now,
+            sa.or_(deliveries.c.lease_expires_at.is_(None), deliveries.c.lease_expires_at < now),
+            sa.or_(deliveries.c.endpoint_id.is_(None), webhook_endpoints.c.enabled.is_(True)),
+            ~sa.exists().where(
+                earlier.c.order_key == deliveries.c.order_key,
+                earlier.c.status == PENDING,
+                earlier.c.id < deliveries.c.id,
+            ),
+        )
+        .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=deliveries)
+    )
+    if busy:
+        query = query.where(
+            sa.not_(sa.or_(*(deliveries.c.order_key.startswith(f"{d}|") for d in busy)))
+        )
+    return query
+
+
+class DeliveryStore:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    # --- endpoints
+
+    async def create_endpoint(self, tenant: str, fields: dict[str, Any], now: int) -> Endpoint:
+        endpoint_id = new_id("ep")
+        row = {
+            "id": endpoint_id,
+            "tenant": tenant,
+            "enabled": True,
+            "disabled_reason": None,
+            "created_at": now,
+            "updated_at": now,
+            "last_success_at": None,
+            "failing_since": None,
+            "description": None,
+            "rate_limit_per_second": None,
+            **fields,
+        }
+
+        def create(conn: Connection) -> Endpoint:
+            conn.execute(sa.insert(webhook_endpoints).values(**row))
+            conn.execute(
+                sa.insert(webhook_secrets).values(
+                    id=new_id("whs"),
+                    tenant=tenant,
+                    endpoint_id=endpoint_id,
+                    secret=new_secret(),
+                    created_at=now,
+                )
+            )
+            return Endpoint.from_row(row)
+
+        return await self.database.write(create)
+
+    async def list_endpoints(self, tenant: str) -> list[Endpoint]:
+        query = (
+            sa.select(webhook_endpoints)
+            .where(webhook_endpoints.c.tenant == tenant)
+            .order_by(webhook_endpoints.c.id)
+        )
+        return await self.database.read(
+            lambda conn: [Endpoint.from_row(r) for r in conn.execute(query).mappings()]
+        )
+
+    async def get_endpoint(self, tenant: str, endpoint_id: str) -> Endpoint | None:
+        query = sa.select(webhook_endpoints).where(
+            webhook_endpoints.c.tenant == tenant, webhook_endpoints.c.id == endpoint_id
+        )
+
+        def fetch(conn: Connection) -> Endpoint | None:
+            row = conn.execute(query).mappings().first()
+            return Endpoint.from_row(row) if row else None
+
+        return await self.database.read(fetch)
+
+    async def update_endpoint(
+        self, tenant: str, endpoint_id: str, fields: dict[str, Any], now: int
+    ) -> Endpoint | None:
+        statement = (
+            sa.update(webhook_endpoints)
+            .where(webhook_endpoints.c.tenant == tenant, webhook_endpoints.c.id == endpoint_id)
+            .values(updated_at=now, **fields)
+            .returning(*webhook_endpoints.c)
+        )
+
+        def update(conn: Connection) -> Endpoint | None:
+            row = conn.execute(statement).mappings().first()
+            return Endpoint.from_row(row) if row else None
+
+        return await self.database.write(update)
+
+    async def delete_endpoint(self, tenant: str, endpoint_id: str, now: int) -> bool:
+        def delete(conn: Connection) -> bool:
+            gone = conn.execute(
+                sa.delete(webhook_endpoints).where(
+                    webhook_endpoints.c.tenant == tenant, webhook_endpoints.c.id == endpoint_id
+                )
+            ).rowcount
+            if not gone:
+                return False
+            conn.execute(
+                sa.delete(webhook_secrets).where(webhook_secrets.c.endpoint_id == endpoint_id)
+            )
+            conn.execute(
+                sa.update(deliveries)
+                .where(deliveries.c.endpoint_id == endpoint_id, deliveries.c.status == PENDING)
+                .values(status=FAILED, last_error="endpoint deleted", updated_at=now)
+            )
+            return True
+
+        return await self.database.write(delete)
+
+    # --- secrets
+
+    async def signing_secrets(self, tenant: str, endpoint_id: str | None, now: int) -> list[str]:
+        """The secrets that sign for an endpoint (or the tenant's default), newest first;
+        the tenant's default secret is created on first use."""
+
+        def fetch(conn: Connection) -> list[str]:
+            owner = (
+                webhook_secrets.c.endpoint_id.is_(None)
+                if endpoint_id is None
+                else webhook_secrets.c.endpoint_id == endpoint_id
+            )
+            query = (
+                sa.select(webhook_secrets.c.secret)
+                .where(
+                    webhook_secrets.c.tenant == tenant,
+                    owner,
+                    sa.or_(
+                        webhook_secrets.c.retires_at.is_(None), webhook_secrets.c.retires_at > now
+                    ),
+                )
+                .order_by(webhook_secrets.c.created_at.desc(), webhook_secrets.c.id.desc())
+            )
+            found = list(conn.execute(query).scalars())
+            if found or endpoint_id is not None:
+                return found
+            secret = new_secret()
+            conn.execute(
+                sa.insert(webhook_secrets).values(
+                    id=new_id("whs"), tenant=tenant, endpoint_id=None, secret=secret, created_at=now
+                )
+            )
+            return [secret]
+
+        return await self.database.write(fetch)
+
+    async def rotate_secret(
+        self, tenant: str, endpoint_id: str | None, overlap_ms: int, now: int
+    ) -> str:
+        """A new current secret; the previous ones keep signing for ``overlap_ms``."""
+
+        def rotate(conn: Connection) -> str:
+            owner = (
+                webhook_secrets.c.endpoint_id.is_(None)
+                if endpoint_id is None
+                else webhook_secrets.c.endpoint_id == endpoint_id
+            )
+            conn.execute(
+                sa.update(webhook_secrets)
+                .where(
+                    webhook_secrets.c.tenant == tenant,
+                    owner,
+                    sa.or_(
+                        webhook_secrets.c.retires_at.is_(None),
+                        webhook_secrets.c.retires_at > now + overlap_ms,
+                    ),
+                )
+                .values(retires_at=now + overlap_ms)
+            )
+            secret = new_secret()
+            conn.execute(
+                sa.insert(webhook_secrets).values(
+                    id=new_id("whs"),
+                    tenant=tenant,
+                    endpoint_id=endpoint_id,
+                    secret=secret,
+                    created_at=now,
+                )
+            )
+            return secret
+
+        return await self.database.write(rotate)
+
+    # --- the sender's side
+
+    async def claim_due(
+        self, now: int, limit: int, lease_token: str, lease_expires_at: int, busy: Collection[str]
+    ) -> list[Delivery]:
+        def claim(conn: Connection) -> list[Delivery]:
+            ids = list(conn.execute(_due(now, limit, busy)).scalars())
+            if not ids:
+                return []
+            rows = conn.execute(
+                sa.update(deliveries)
+                .where(deliveries.c.id.in_(ids))
+                .values(lease_token=lease_token, lease_expires_at=lease_expires_at)
+                .returning(*deliveries.c)
+            ).mappings()
+            return sorted((Delivery.from_row(r) for r in rows), key=lambda d: d.id)
+
+        return await self.database.write(claim)
+
+    async def record_attempt(
+        self, delivery: Delivery, lease_token: str, outcome: AttemptOutcome, now: int
+    ) -> bool:
+        """Log the attempt and apply its outcome; False if the lease was lost meanwhile."""
+
+        def record(conn: Connection) -> bool:
+            if outcome.succeeded:
+                status, next_at = SUCCEEDED, delivery.next_attempt_at
+            elif outcome.next_attempt_at is None:
+                status, next_at = FAILED, delivery.next_attempt_at
+            else:
+                status, next_at = PENDING, outcome.next_attempt_at
+            updated = conn.execute(
+                sa.update(deliveries)
+                .where(deliveries.c.id == delivery.id, deliveries.c.lease_token == lease_token)
+                .values(
+                    status=status,
+                    attempts=deliveries.c.attempts + 1,
+                    next_attempt_at=next_at,
+                    lease_token=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                    last_status_code=outcome.status_code,
+                    last_error=outcome.error,
+                )
+            ).rowcount
+            if not updated:
+                return False
+            conn.execute(
+                sa.insert(delivery_attempts).values(
+                    delivery_id=delivery.id,
+                    attempted_at=now,
+                    status_code=outcome.status_code,
+                    latency_ms=outcome.latency_ms,
+                    error=outcome.error,
+                    response_excerpt=outcome.response_excerpt,
+                )
+            )
+            if delivery.endpoint_id is not None:
+                _update_endpoint_health(conn, delivery.endpoint_id, outcome, now)
+            return True
+
+        return await self.database.write(record)
+
+    async def failing_since(self, endpoint_id: str) -> int | None:
+        query = sa.select(webhook_endpoints.c.failing_since).where(
+            webhook_endpoints.c.id == endpoint_id
+        )
+        value: int | None = await self.database.read(
+            lambda conn: conn.execute(query).scalar_one_or_none()
+        )
+        return value
+
+    # --- the API's side
+
+    async def list_deliveries(
+        self,
+        tenant: str,
+        *,
+        endpoint_id: str | None = None,
+        job_id: str | None = None,
+        status: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        before_id: str | None = None,
+        limit: int = 50,
+    ) -> list[Delivery]:
+        query = sa.select(deliveries).where(deliveries.c.tenant == tenant)
+        for column, value in (
+            (deliveries.c.endpoint_id, endpoint_id),
+            (deliveries.c.job_id, job_id),
+            (deliveries.c.status, status),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(deliveries.c.created_at >= since)
+        if until is not None:
+            query = query.where(deliveries.c.created_at < until)
+        if before_id is not None:
+            query = query.where(deliveries.c.id < before_id)
+        query = query.order_by(deliveries.c.id.desc()).limit(limit)
+        return await self.database.read(
+            lambda conn: [Delivery.from_row(r) for r in conn.execute(query).mappings()]
+        )
+
+    async def get_delivery(
+        self, tenant: str, delivery_id: str
+    ) -> tuple[Delivery, list[Attempt]] | None:
+        def fetch(conn: Connection) -> tuple[Delivery, list[Attempt]] | None:
+            row = (
+                conn.execute(
+                    sa.select(deliveries).where(
+                        deliveries.c.tenant == tenant, deliveries.c.id == delivery_id
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                return None
+            attempts = conn.execute(
+                sa.select(delivery_attempts)
+                .where(delivery_attempts.c.delivery_id == delivery_id)
+                .order_by(delivery_attempts.c.id)
+            ).mappings()
+            return Delivery.from_row(row), [Attempt.from_row(a) for a in attempts]
+
+        return await self.database.read(fetch)
+
+    async def resend(
+        self,
+        tenant: str,
+        now: int,
+        *,
+        delivery_id: str | None = None,
+        endpoint_id: str | None = None,
+        since: int | None = None,
+    ) -> int:
+        """Queue failed (or, for one delivery, any finished) messages to be sent again now."""
+        statement = sa.update(deliveries).where(deliveries.c.tenant == tenant)
+        if delivery_id is not None:
+            statement = statement.where(deliveries.c.id == delivery_id)
+        else:
+            statement = statement.where(
+                deliveries.c.endpoint_id == endpoint_id,
+                deliveries.c.status == FAILED,
+                deliveries.c.created_at >= (since or 0),
+            )
+        statement = statement.values(
+            status=PENDING,
+            next_attempt_at=now,
+            lease_token=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        return await self.database.write(lambda conn: conn.execute(statement).rowcount)
+
+
+def _update_endpoint_health(
+    conn: Connection, endpoint_id: str, outcome: AttemptOutcome, now: int
+) -> None:
+    table = webhook_endpoints
+    if outcome.succeeded:
+        values: dict[str, Any] = {"last_success_at": now, "failing_since": None}
+    else:
+        values = {"failing_since": sa.func.coalesce(table.c.failing_since, now)}
+    if outcome.disable_endpoint:
+        values.update(enabled=False, disabled_reason=outcome.disable_endpoint, updated_at=now)
+    conn.execute(sa.update(table).where(table.c.id == endpoint_id).values(**values))
