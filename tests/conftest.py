@@ -25,11 +25,13 @@ import pytest
 import uvicorn
 
 from hookline.api import create_app
+from hookline.clock import Clock
 from hookline.config import Settings, UpstreamConfig
 from hookline.gateway import Gateway
 from hookline.migrate import upgrade
 from hookline.store.database import open_database
 from tests.scripted_upstream import ScriptedUpstream
+from tests.webhook_receiver import WebhookReceiver
 
 POSTGRES_URL = os.environ.get(
     "HOOKLINE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -100,6 +102,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
+async def receiver() -> AsyncIterator[WebhookReceiver]:
+    server = WebhookReceiver()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
 async def upstream() -> AsyncIterator[ScriptedUpstream]:
     server = ScriptedUpstream()
     await server.start()
@@ -126,6 +136,14 @@ def gateway_settings(database_url: str, upstream_url: str, **changes: Any) -> Se
         ],
     )
     jobs = settings.jobs.model_copy(update={"retry_base_seconds": 0.05, **changes.pop("jobs", {})})
+    webhooks = settings.webhooks.model_copy(
+        update={
+            "allowed_networks": ["127.0.0.0/8"],
+            "poll_seconds": 0.05,
+            "retry_schedule_seconds": [0.1, 0.1, 0.1],
+            **changes.pop("webhooks", {}),
+        }
+    )
     worker = settings.worker.model_copy(
         update={
             "poll_seconds": 0.2,
@@ -136,7 +154,9 @@ def gateway_settings(database_url: str, upstream_url: str, **changes: Any) -> Se
             **changes.pop("worker", {}),
         }
     )
-    return settings.model_copy(update={"jobs": jobs, "worker": worker, **changes})
+    return settings.model_copy(
+        update={"jobs": jobs, "worker": worker, "webhooks": webhooks, **changes}
+    )
 
 
 @dataclasses.dataclass
@@ -154,9 +174,9 @@ class LiveGateway:
 
 
 @contextlib.asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[LiveGateway]:
+async def serve(settings: Settings, clock: Clock | None = None) -> AsyncIterator[LiveGateway]:
     """Run a gateway with uvicorn on a free loopback port, in this event loop."""
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, clock=clock)
     await gateway.start()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from hookline.config import load_settings
 from hookline.errors import Conflict, InvalidRequest
+from hookline.httputil import parse_retry_after
 from hookline.ids import has_prefix, new_id
 from hookline.jobs import JobStatus, Operation, check_transition
 from hookline.queue import JobQueue
 from hookline.upstreams.assembly import StreamAssembler
-from hookline.httputil import parse_retry_after
 
 
 def test_ids_are_prefixed_unique_and_increasing() -> None:

@@ -125,19 +125,32 @@ class WebhookSender:
         if room <= 0:
             return 0
         now = self.clock.now_ms()
-        lease_ms = int((self.config.timeout_seconds + 30) * 1000)
+        lease_ms = int((self.config.timeout_seconds * 2 + 1) * 1000)  # a send outlives no lease
+        token = new_id("lease")
         batch = await self.store.claim_due(
-            now, min(room, 100), new_id("lease"), now + lease_ms, self._saturated()
+            now, min(room, 100), token, now + lease_ms, self._saturated()
         )
+        # One claim can hold several messages for one destination; keep its limit.
+        taken: Counter[str] = Counter()
+        limit = self.config.max_in_flight_per_endpoint
+        sendable: list[Delivery] = []
+        extra: list[Delivery] = []
         for delivery in batch:
+            dest = destination(delivery)
+            fits = self._in_flight[dest] + taken[dest] < limit
+            (sendable if fits else extra).append(delivery)
+            taken[dest] += fits
+        if extra:
+            await self.store.release([d.id for d in extra], token)
+        for delivery in sendable:
+            self._in_flight[destination(delivery)] += 1  # counted now: the next claim sees it
             task = asyncio.create_task(self._send(delivery))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return len(batch)
+        return len(sendable)
 
     async def _send(self, delivery: Delivery) -> None:
         dest = destination(delivery)
-        self._in_flight[dest] += 1
         try:
             await self._rate_limit(delivery, dest)
             outcome = await self._post(delivery)
@@ -194,6 +207,8 @@ class WebhookSender:
             error = None if 200 <= status < 300 else f"receiver answered HTTP {status}"
         except TimeoutError:
             error = f"no answer within {self.config.timeout_seconds:g} s"
+        except aiohttp.ClientConnectorError as exc:  # its text hides the cause (an SSRF refusal)
+            error = f"cannot connect to {exc.host}:{exc.port}: {exc.os_error}"[:1024]
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:1024]
         except Exception as exc:  # an invalid URL and the like: a failed attempt, not a crash

@@ -299,6 +299,15 @@ class DeliveryStore:
 
         return await self.database.write(claim)
 
+    async def release(self, delivery_ids: Collection[str], lease_token: str) -> None:
+        """Give back claimed messages unsent."""
+        statement = (
+            sa.update(deliveries)
+            .where(deliveries.c.id.in_(list(delivery_ids)), deliveries.c.lease_token == lease_token)
+            .values(lease_token=None, lease_expires_at=None)
+        )
+        await self.database.write(lambda conn: conn.execute(statement))
+
     async def record_attempt(
         self, delivery: Delivery, lease_token: str, outcome: AttemptOutcome, now: int
     ) -> bool:
