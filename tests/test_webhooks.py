@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -428,3 +429,47 @@ async def test_redirects_are_not_followed(live: LiveGateway, receiver: WebhookRe
     assert delivery["last_status_code"] == 302 or delivery["attempts"] == 0
     await asyncio.sleep(0.3)
     assert receiver.at("/target") == []
+
+
+async def test_output_deltas_are_throttled_and_complete(
+    live: LiveGateway, upstream: ScriptedUpstream, receiver: WebhookReceiver
+) -> None:
+    from tests.scripted_upstream import Reply
+
+    upstream.script(
+        "streamy", Reply(text="abcdefghijklmnopqrstuvwxyz" * 2, chunks=26, token_delay=0.05)
+    )
+    await live.client.post(
+        "/v1/webhook-endpoints",
+        json={"url": receiver.url("/deltas"), "events": ["job.output.delta", "job.succeeded"]},
+    )
+    job = (await live.client.post("/v1/jobs", json={**chat(), "model": "streamy"})).json()
+    done = await wait_for_status(live.client, job["id"], {"succeeded"})
+    for count in range(2, 60):
+        messages = await receiver.wait_for("/deltas", count)
+        if orjson.loads(messages[-1].body)["type"] == "job.succeeded":
+            break
+    deltas = [m for m in messages if orjson.loads(m.body)["type"] == "job.output.delta"]
+    events = (await live.client.get(f"/v1/jobs/{job['id']}/events")).json()["data"]
+    delta_events = [e for e in events if e["type"] == "job.output.delta"]
+    assert len(deltas) < len(delta_events)  # several deltas per message
+    text = "".join(orjson.loads(m.body)["data"]["text"] for m in deltas)
+    assert text == done["output"]["choices"][0]["message"]["content"]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(deltas)]
+    assert all(gap >= 0.4 for gap in gaps), gaps  # 500 ms apart, give or take the clock
+
+
+async def test_a_disabled_endpoint_is_reported_to_the_others(
+    live: LiveGateway, receiver: WebhookReceiver
+) -> None:
+    receiver.script("/gone", Answer(410))
+    watcher = {"url": receiver.url("/watch"), "events": ["endpoint.disabled"]}
+    await live.client.post("/v1/webhook-endpoints", json=watcher)
+    gone = (
+        await live.client.post("/v1/webhook-endpoints", json={"url": receiver.url("/gone")})
+    ).json()
+    await live.client.post("/v1/jobs", json=chat())
+    [report] = await receiver.wait_for("/watch", 1)
+    body = orjson.loads(report.body)
+    assert body["type"] == "endpoint.disabled" and body["data"]["id"] == gone["id"]
+    assert "410" in body["data"]["disabled_reason"]

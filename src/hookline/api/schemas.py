@@ -17,7 +17,7 @@ _REQUIRED_INPUT: dict[Operation, tuple[str, type | tuple[type, ...]]] = {
 }
 
 
-KNOWN_EVENT_FILTERS = frozenset({*(e.value for e in EventType), "*", "job.*"})
+KNOWN_EVENT_FILTERS = frozenset({*(e.value for e in EventType), "*", "job.*", "endpoint.disabled"})
 
 
 def check_event_filters(events: list[str] | None) -> list[str] | None:

@@ -18,8 +18,9 @@ from hookline.events import Event, EventType, NewEvent
 from hookline.jobs import Job, JobStatus, sources_for
 from hookline.store.base import AcceptOutcome, Store, Transitioned
 from hookline.store.database import Database, open_database
+from hookline.store.outbox import enqueue_deliveries
 from hookline.store.schema import api_keys, events, jobs
-from hookline.store.webhook_sql import DeliveryStore, enqueue_deliveries
+from hookline.store.webhook_sql import DeliveryStore
 
 # --- named statements
 

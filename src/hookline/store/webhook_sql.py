@@ -1,82 +1,20 @@
-"""Webhook storage: endpoints, secrets, and the delivery outbox (same Database as the jobs).
-
-:func:`enqueue_deliveries` runs inside the transaction that appends events, so a message exists
-exactly when the event it reports does (the transactional outbox).
-"""
+"""Webhook storage: endpoints, secrets, and the sender's and the API's side of the delivery
+outbox (which :mod:`hookline.store.outbox` fills). Same Database as the jobs."""
 
 from __future__ import annotations
 
-import hashlib
-from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from hookline.deliveries import Attempt, AttemptOutcome, Delivery, Endpoint
-from hookline.events import Event
 from hookline.ids import new_id
-from hookline.jobs import Job
 from hookline.store.database import Database
+from hookline.store.outbox import FAILED, PENDING, SUCCEEDED, report_disabled
 from hookline.store.schema import deliveries, delivery_attempts, webhook_endpoints, webhook_secrets
-from hookline.webhooks import DEFAULT_JOB_EVENTS, matches, message_body, new_secret
-
-PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
-# A reported event: the event, the job when its state is at hand, and the job's own webhook.
-Reported = tuple[Event, Job | None, dict[str, Any] | None]
-
-
-def order_key(endpoint_id: str | None, url: str, job_id: str | None) -> str:
-    destination = endpoint_id or "url_" + hashlib.sha256(url.encode()).hexdigest()[:24]
-    return f"{destination}|{job_id or ''}"
-
-
-def enqueue_deliveries(conn: Connection, reported: Sequence[Reported], now: int) -> int:
-    """Insert one message per (event, subscribed destination). Returns how many."""
-    if not reported:
-        return 0
-    tenants = {event.tenant for event, _, _ in reported}
-    endpoints: defaultdict[str, list[Any]] = defaultdict(list)
-    query = sa.select(
-        webhook_endpoints.c.id,
-        webhook_endpoints.c.tenant,
-        webhook_endpoints.c.url,
-        webhook_endpoints.c.events,
-    ).where(webhook_endpoints.c.tenant.in_(tenants))
-    for row in conn.execute(query):
-        endpoints[row.tenant].append(row)
-    rows: list[dict[str, Any]] = []
-    for event, job, webhook in reported:
-        destinations = [
-            (ep.id, ep.url) for ep in endpoints[event.tenant] if matches(ep.events, event.type)
-        ]
-        if webhook and matches(webhook.get("events") or DEFAULT_JOB_EVENTS, event.type):
-            destinations.append((None, webhook["url"]))
-        if not destinations:
-            continue
-        body = message_body(event, job)
-        for endpoint_id, url in destinations:
-            rows.append(
-                {
-                    "id": new_id("msg"),
-                    "tenant": event.tenant,
-                    "endpoint_id": endpoint_id,
-                    "url": url,
-                    "job_id": event.job_id,
-                    "event_type": event.type.value,
-                    "payload": body,
-                    "order_key": order_key(endpoint_id, url, event.job_id),
-                    "status": PENDING,
-                    "attempts": 0,
-                    "next_attempt_at": now,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-            )
-    if rows:
-        conn.execute(sa.insert(deliveries), rows)
-    return len(rows)
+from hookline.webhooks import new_secret
 
 
 def _due(now: int, limit: int, busy: Collection[str]) -> sa.Select[tuple[str]]:
@@ -455,6 +393,19 @@ def _update_endpoint_health(
         values: dict[str, Any] = {"last_success_at": now, "failing_since": None}
     else:
         values = {"failing_since": sa.func.coalesce(table.c.failing_since, now)}
-    if outcome.disable_endpoint:
-        values.update(enabled=False, disabled_reason=outcome.disable_endpoint, updated_at=now)
-    conn.execute(sa.update(table).where(table.c.id == endpoint_id).values(**values))
+    if not outcome.disable_endpoint:
+        conn.execute(sa.update(table).where(table.c.id == endpoint_id).values(**values))
+        return
+    values.update(enabled=False, disabled_reason=outcome.disable_endpoint, updated_at=now)
+    row = (
+        conn.execute(
+            sa.update(table)
+            .where(table.c.id == endpoint_id, table.c.enabled.is_(True))
+            .values(**values)
+            .returning(*table.c)
+        )
+        .mappings()
+        .first()
+    )
+    if row is not None:
+        report_disabled(conn, Endpoint.from_row(row), now)

@@ -1,0 +1,162 @@
+"""The transactional outbox: webhook messages written in the same transaction as the events they
+report, so a message exists exactly when its event does."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from hookline.deliveries import Endpoint
+from hookline.events import Event, EventType
+from hookline.ids import new_id
+from hookline.jobs import Job, iso
+from hookline.store.schema import deliveries, webhook_endpoints
+from hookline.webhooks import DEFAULT_JOB_EVENTS, matches, message_body
+
+PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
+DELTA_INTERVAL_MS = 500
+ENDPOINT_DISABLED = "endpoint.disabled"
+# A reported event: the event, the job when its state is at hand, and the job's own webhook.
+Reported = tuple[Event, Job | None, dict[str, Any] | None]
+
+
+def order_key(endpoint_id: str | None, url: str, job_id: str | None) -> str:
+    destination = endpoint_id or "url_" + hashlib.sha256(url.encode()).hexdigest()[:24]
+    return f"{destination}|{job_id or ''}"
+
+
+def enqueue_deliveries(conn: Connection, reported: Sequence[Reported], now: int) -> int:
+    """Insert one message per (event, subscribed destination). Returns how many."""
+    if not reported:
+        return 0
+    tenants = {event.tenant for event, _, _ in reported}
+    endpoints: defaultdict[str, list[Any]] = defaultdict(list)
+    query = sa.select(
+        webhook_endpoints.c.id,
+        webhook_endpoints.c.tenant,
+        webhook_endpoints.c.url,
+        webhook_endpoints.c.events,
+    ).where(webhook_endpoints.c.tenant.in_(tenants))
+    for endpoint in conn.execute(query):
+        endpoints[endpoint.tenant].append(endpoint)
+    rows: list[dict[str, Any]] = []
+    written = 0
+    for event, job, webhook in reported:
+        destinations = [
+            (ep.id, ep.url) for ep in endpoints[event.tenant] if matches(ep.events, event.type)
+        ]
+        if webhook and matches(webhook.get("events") or DEFAULT_JOB_EVENTS, event.type):
+            destinations.append((None, webhook["url"]))
+        if not destinations:
+            continue
+        body = message_body(event, job)
+        for endpoint_id, url in destinations:
+            key = order_key(endpoint_id, url, event.job_id)
+            due: int | None = now
+            if event.type is EventType.OUTPUT_DELTA:
+                due = _throttle_delta(conn, key, body, now)
+                if due is None:
+                    continue  # merged into a message not sent yet
+            message = {
+                "id": new_id("msg"),
+                "tenant": event.tenant,
+                "endpoint_id": endpoint_id,
+                "url": url,
+                "job_id": event.job_id,
+                "event_type": event.type.value,
+                "payload": body,
+                "order_key": key,
+                "status": PENDING,
+                "attempts": 0,
+                "next_attempt_at": due,
+                "created_at": now,
+                "updated_at": now,
+            }
+            if event.type is EventType.OUTPUT_DELTA:
+                conn.execute(sa.insert(deliveries), [message])  # the next delta must see it
+                written += 1
+            else:
+                rows.append(message)
+    if rows:
+        conn.execute(sa.insert(deliveries), rows)
+    return written + len(rows)
+
+
+def _throttle_delta(conn: Connection, key: str, body: dict[str, Any], now: int) -> int | None:
+    """At most one ``job.output.delta`` message per destination and job every
+    ``DELTA_INTERVAL_MS``, carrying every delta since the last: a delta joins the newest message of
+    its queue while that one has not been tried yet; otherwise it is due one interval after it.
+    Returns when the new message is due, or None when the delta was merged."""
+    last = conn.execute(
+        sa.select(
+            deliveries.c.id,
+            deliveries.c.event_type,
+            deliveries.c.status,
+            deliveries.c.attempts,
+            deliveries.c.lease_token,
+            deliveries.c.payload,
+            deliveries.c.next_attempt_at,
+        )
+        .where(deliveries.c.order_key == key)
+        .order_by(deliveries.c.id.desc())
+        .limit(1)
+    ).first()
+    if last is None or last.event_type != EventType.OUTPUT_DELTA.value:
+        return now
+    data, previous = body["data"], last.payload["data"]
+    mergeable = (
+        last.status == PENDING
+        and last.attempts == 0
+        and last.lease_token is None
+        and previous.get("attempt") == data.get("attempt")
+        and previous.get("index") == data.get("index")
+    )
+    if not mergeable:
+        return max(now, int(last.next_attempt_at) + DELTA_INTERVAL_MS)
+    text = previous["text"] + data["text"]
+    merged = {**last.payload, "data": {**previous, "text": text, "last_seq": data["seq"]}}
+    merged_into = conn.execute(
+        sa.update(deliveries)
+        .where(deliveries.c.id == last.id, deliveries.c.lease_token.is_(None))
+        .values(payload=merged, updated_at=now)
+    ).rowcount
+    # Claimed by a sender in the meantime (PostgreSQL): the delta goes in a message of its own.
+    return None if merged_into else max(now, int(last.next_attempt_at) + DELTA_INTERVAL_MS)
+
+
+def report_disabled(conn: Connection, endpoint: Endpoint, now: int) -> None:
+    """Record ``endpoint.disabled`` as a message to the tenant's endpoints that subscribe to it."""
+    others = conn.execute(
+        sa.select(
+            webhook_endpoints.c.id, webhook_endpoints.c.url, webhook_endpoints.c.events
+        ).where(
+            webhook_endpoints.c.tenant == endpoint.tenant, webhook_endpoints.c.id != endpoint.id
+        )
+    ).all()
+    body = {"type": ENDPOINT_DISABLED, "timestamp": iso(now), "data": endpoint.as_json()}
+    rows = [
+        {
+            "id": new_id("msg"),
+            "tenant": endpoint.tenant,
+            "endpoint_id": other.id,
+            "url": other.url,
+            "job_id": None,
+            "event_type": ENDPOINT_DISABLED,
+            "payload": body,
+            "order_key": order_key(other.id, other.url, None),
+            "status": PENDING,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for other in others
+        if ENDPOINT_DISABLED in other.events or "*" in other.events
+    ]
+    if rows:
+        conn.execute(sa.insert(deliveries), rows)
