@@ -15,7 +15,12 @@ from tests.scripted_upstream import free_port
 
 
 def write_config(
-    path: Path, upstream_url: str, *, max_concurrency: int = 4, lease_seconds: float = 30
+    path: Path,
+    upstream_url: str,
+    *,
+    max_concurrency: int = 4,
+    lease_seconds: float = 30,
+    webhook_timeout_seconds: float = 15,
 ) -> Path:
     path.write_text(
         f"""
@@ -29,6 +34,11 @@ poll_seconds = 0.2
 drain_seconds = 1.0
 lease_seconds = {lease_seconds}
 heartbeat_seconds = {min(5.0, lease_seconds / 3)}
+
+[webhooks]
+allowed_networks = ["127.0.0.0/8"]
+poll_seconds = 0.2
+timeout_seconds = {webhook_timeout_seconds}
 
 [[upstreams]]
 name = "scripted"

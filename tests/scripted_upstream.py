@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -239,21 +239,30 @@ def _whole(body: dict[str, Any], text: str, chat: bool) -> dict[str, Any]:
     }
 
 
-class ThreadedUpstream:
-    """The scripted server on its own thread and loop, for tests whose gateway is another process."""
+class Server(Protocol):
+    async def start(self) -> Any: ...
+    async def stop(self) -> None: ...
 
-    def __init__(self) -> None:
-        self.upstream = ScriptedUpstream()
+
+ServerT = TypeVar("ServerT", bound=Server)
+
+
+class Threaded(Generic[ServerT]):
+    """A loopback test server on its own thread and loop, for tests whose gateway is another
+    process (and so cannot share the test's event loop)."""
+
+    def __init__(self, server: ServerT) -> None:
+        self.server = server
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
-    def __enter__(self) -> ScriptedUpstream:
+    def __enter__(self) -> ServerT:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.upstream.start(), self._loop).result(10)
-        return self.upstream
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(10)
+        return self.server
 
     def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.upstream.stop(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from tests.processes import GatewayProcess, hookline, write_config
-from tests.scripted_upstream import Hang, Reply, ScriptedUpstream, ThreadedUpstream
+from tests.scripted_upstream import Hang, Reply, ScriptedUpstream, Threaded
+from tests.webhook_receiver import Answer, WebhookReceiver
 
 CHAT = {
     "operation": "chat.completions",
@@ -22,7 +23,7 @@ CHAT = {
 
 @pytest.fixture
 def threaded_upstream() -> Iterator[ScriptedUpstream]:
-    with ThreadedUpstream() as upstream:
+    with Threaded(ScriptedUpstream()) as upstream:
         yield upstream
 
 
@@ -180,3 +181,47 @@ def test_a_crashed_gateway_loses_no_job(
     assert jobs[0]["attempts"] == 2  # the crashed attempt counts
     assert [e["type"] for e in events].count("job.succeeded") == 1
     assert any("stopped renewing its lease" in e["data"].get("message", "") for e in events)
+
+
+def test_a_webhook_interrupted_by_a_crash_is_sent_after_restart(
+    tmp_path: Path, env: dict[str, str], threaded_upstream: ScriptedUpstream
+) -> None:
+    config = write_config(
+        tmp_path / "hooks.toml", threaded_upstream.base_url, webhook_timeout_seconds=1
+    )
+    env = {**env, "HOOKLINE_CONFIG": str(config)}
+    key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    with Threaded(WebhookReceiver()) as receiver:
+        receiver.script("/hook", Answer(200, delay=30))  # the receiver gets it; no answer is stored
+        first = GatewayProcess("serve", env, tmp_path)
+        try:
+            first.start()
+            with httpx.Client(base_url=first.url, headers=headers) as client:
+                job = client.post(
+                    "/v1/jobs", json={**CHAT, "webhook": {"url": receiver.url()}}
+                ).json()
+            deadline = time.monotonic() + 20
+            while not receiver.started:
+                assert time.monotonic() < deadline, "the message was never sent"
+                time.sleep(0.02)
+            first.kill()  # mid-send
+        finally:
+            first.stop()
+        receiver.script("/hook", Answer(200))
+        second = GatewayProcess("serve", env, tmp_path)
+        try:
+            second.start()
+            deadline = time.monotonic() + 30
+            while len(receiver.at("/hook")) < 2:
+                assert time.monotonic() < deadline, "the message was not sent again"
+                time.sleep(0.05)
+            with httpx.Client(base_url=second.url, headers=headers) as client:
+                [delivery] = client.get("/v1/deliveries", params={"job_id": job["id"]}).json()[
+                    "data"
+                ]
+        finally:
+            second.stop()
+    first_try, second_try = receiver.at("/hook")
+    assert first_try.id == second_try.id == delivery["id"]  # the same webhook-id: receivers dedupe
+    assert delivery["status"] == "succeeded"

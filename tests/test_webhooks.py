@@ -473,3 +473,23 @@ async def test_a_disabled_endpoint_is_reported_to_the_others(
     body = orjson.loads(report.body)
     assert body["type"] == "endpoint.disabled" and body["data"]["id"] == gone["id"]
     assert "410" in body["data"]["disabled_reason"]
+
+
+async def test_two_senders_on_one_database_send_each_message_once(
+    database_url: str, upstream: ScriptedUpstream, receiver: WebhookReceiver
+) -> None:
+    receiver.script("/both", Answer(200, delay=0.05))
+    settings = gateway_settings(database_url, upstream.base_url)
+    async with serve(settings) as first, serve(settings) as second:
+        await first.client.post("/v1/webhook-endpoints", json={"url": receiver.url("/both")})
+        clients = [first.client, await second.client_for("acme")]
+        jobs = [
+            (await clients[i % 2].post("/v1/jobs", json=chat())).json()["id"] for i in range(20)
+        ]
+        for job_id in jobs:
+            await wait_for_status(first.client, job_id, {"succeeded"})
+        await receiver.wait_for("/both", 20)
+        await asyncio.sleep(0.5)
+        await clients[1].aclose()
+    ids = [m.id for m in receiver.at("/both")]
+    assert len(ids) == len(set(ids)) == 20

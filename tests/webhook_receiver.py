@@ -36,6 +36,7 @@ class WebhookReceiver:
         self.answers: dict[str, list[Answer]] = {}
         self.active = 0
         self.max_active = 0
+        self.started = 0  # requests whose handling began (the body has arrived)
         self.base_url = ""
         self._arrived = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -58,7 +59,9 @@ class WebhookReceiver:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        self._runner = web.AppRunner(
+            app, handle_signals=False, shutdown_timeout=0.5, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -71,6 +74,7 @@ class WebhookReceiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        self.started += 1
         answers = self.answers.get(request.path) or [Answer()]
         answer = answers.pop(0) if len(answers) > 1 else answers[0]
         self.active += 1
@@ -80,9 +84,12 @@ class WebhookReceiver:
                 await asyncio.sleep(answer.delay)
         finally:
             self.active -= 1
+            await self._record(request, body)
+        return web.Response(status=answer.status, text=answer.body, headers=answer.headers)
+
+    async def _record(self, request: web.Request, body: bytes) -> None:
         async with self._arrived:
             self.received.append(
                 Received(request.path, dict(request.headers), body, time.monotonic())
             )
             self._arrived.notify_all()
-        return web.Response(status=answer.status, text=answer.body, headers=answer.headers)

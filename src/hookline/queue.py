@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from hookline.accept import AcceptBatcher
+from hookline.batching import WriteBatcher
 from hookline.clock import Clock, SystemClock
 from hookline.config import Settings
 from hookline.errors import Conflict, NotFound
@@ -24,7 +24,7 @@ from hookline.events import Event, EventType, NewEvent
 from hookline.ids import new_id
 from hookline.jobs import Job, JobStatus, Operation
 from hookline.notify import DELIVERIES_AVAILABLE, Notifier
-from hookline.store.base import Store, Transitioned
+from hookline.store.base import AcceptOutcome, Store, Transitioned
 
 JOBS_AVAILABLE = "jobs.available"
 JOB_CANCELLED = "job.cancelled"
@@ -93,7 +93,9 @@ class JobQueue:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.notifier = notifier or Notifier()
-        self._writer = AcceptBatcher(store)
+        self._writer: WriteBatcher[tuple[Job, NewEvent], AcceptOutcome] = WriteBatcher(
+            store.insert_jobs, name="hookline-accept-writer"
+        )
 
     async def close(self) -> None:
         await self._writer.stop()
@@ -138,7 +140,7 @@ class JobQueue:
             event_seq=1,
             webhook=request.webhook,
         )
-        outcome = await self._writer.insert(job, NewEvent(EventType.QUEUED, {}))
+        outcome = await self._writer.submit((job, NewEvent(EventType.QUEUED, {})))
         if outcome.duplicate:
             assert request.idempotency_key is not None
             existing = await self.store.find_job_by_idempotency_key(tenant, request.idempotency_key)

@@ -19,23 +19,48 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import aiohttp
 import orjson
 
+from hookline.batching import WriteBatcher
 from hookline.clock import Clock
 from hookline.config import WebhooksConfig
-from hookline.deliveries import AttemptOutcome, Delivery
+from hookline.deliveries import AttemptOutcome, Delivery, Endpoint
 from hookline.errors import StoreError
 from hookline.httputil import parse_retry_after
 from hookline.ids import new_id
 from hookline.notify import DELIVERIES_AVAILABLE, Notifier
 from hookline.ssrf import AddressPolicy, GuardedResolver, check_url_syntax
-from hookline.store.webhook_sql import DeliveryStore
+from hookline.store.webhook_sql import DeliveryStore, RecordedAttempt
 from hookline.webhooks import headers_for
 
 log = logging.getLogger("hookline.webhooks")
 _EXCERPT_BYTES = 1024
+# Secrets and endpoint settings are re-read at most this often: a rotation or a new rate limit
+# applies within a second (a rotated-out secret stays valid for its overlap anyway).
+_CACHE_SECONDS = 1.0
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class TTLCache(Generic[K, V]):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._entries: dict[K, tuple[float, V]] = {}
+
+    def get(self, key: K) -> V | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: K, value: V) -> None:
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        self._entries[key] = (time.monotonic() + self.seconds, value)
 
 
 def destination(delivery: Delivery) -> str:
@@ -75,6 +100,13 @@ class WebhookSender:
         self._loop_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._unsubscribe: Callable[[], None] = lambda: None
+        # Attempts finishing together are recorded in one transaction.
+        self._results: WriteBatcher[RecordedAttempt, bool] = WriteBatcher(
+            store.record_attempts, name="hookline-webhook-results"
+        )
+        self._claim_batch = max(1, min(32, config.max_in_flight // 2))
+        self._secrets = TTLCache[tuple[str, str | None], list[str]](_CACHE_SECONDS)
+        self._endpoints = TTLCache[tuple[str, str], Endpoint | None](_CACHE_SECONDS)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -91,10 +123,10 @@ class WebhookSender:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        if (
-            self._tasks
-        ):  # sends in flight finish (bounded by the timeout); the rest keep their lease
+        # Sends in flight finish (bounded by the timeout); the rest keep their lease.
+        if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.config.timeout_seconds)
+        await self._results.stop()
         if self._session is not None:
             await self._session.close()
 
@@ -122,7 +154,9 @@ class WebhookSender:
 
     async def _claim(self) -> int:
         room = self.config.max_in_flight - len(self._tasks)
-        if room <= 0:
+        # A claim is a write transaction: wait for a worthwhile batch of free room rather than
+        # claiming one message each time one finishes.
+        if room <= 0 or (self._tasks and room < self._claim_batch):
             return 0
         now = self.clock.now_ms()
         lease_ms = int((self.config.timeout_seconds * 2 + 1) * 1000)  # a send outlives no lease
@@ -146,8 +180,13 @@ class WebhookSender:
             self._in_flight[destination(delivery)] += 1  # counted now: the next claim sees it
             task = asyncio.create_task(self._send(delivery))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._sent)
         return len(sendable)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if len(self._tasks) <= self.config.max_in_flight - self._claim_batch:
+            self._wake.set()
 
     async def _send(self, delivery: Delivery) -> None:
         dest = destination(delivery)
@@ -158,7 +197,7 @@ class WebhookSender:
             if not outcome.succeeded and delivery.endpoint_id is not None:
                 outcome = await self._maybe_break_circuit(delivery, outcome, now)
             assert delivery.lease_token is not None
-            await self.store.record_attempt(delivery, delivery.lease_token, outcome, now)
+            await self._results.submit((delivery, delivery.lease_token, outcome, now))
             if outcome.disable_endpoint:
                 log.warning(
                     "endpoint %s disabled: %s", delivery.endpoint_id, outcome.disable_endpoint
@@ -167,12 +206,15 @@ class WebhookSender:
             log.warning("recording delivery %s failed (it will be resent): %s", delivery.id, exc)
         finally:
             self._in_flight[dest] -= 1
-            self._wake.set()  # the next message of this job may now go
 
     async def _rate_limit(self, delivery: Delivery, dest: str) -> None:
         if delivery.endpoint_id is None:
             return
-        endpoint = await self.store.get_endpoint(delivery.tenant, delivery.endpoint_id)
+        key = (delivery.tenant, delivery.endpoint_id)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = await self.store.get_endpoint(*key)
+            self._endpoints.put(key, endpoint)
         rate = endpoint.rate_limit_per_second if endpoint else None
         if rate is None:
             self._buckets.pop(dest, None)
@@ -187,9 +229,11 @@ class WebhookSender:
     async def _post(self, delivery: Delivery) -> AttemptOutcome:
         assert self._session is not None
         body = orjson.dumps(delivery.payload)
-        secrets = await self.store.signing_secrets(
-            delivery.tenant, delivery.endpoint_id, self.clock.now_ms()
-        )
+        owner = (delivery.tenant, delivery.endpoint_id)
+        secrets = self._secrets.get(owner)
+        if secrets is None:
+            secrets = await self.store.signing_secrets(*owner, self.clock.now_ms())
+            self._secrets.put(owner, secrets)
         # The signature's timestamp is wall-clock time: receivers check it against theirs.
         headers = headers_for(delivery.id, int(time.time()), body, secrets)
         started = time.monotonic()

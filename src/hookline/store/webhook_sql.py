@@ -39,7 +39,7 @@ def _due(now: int, limit: int, busy: Collection[str]) -> sa.Select[tuple[str]]:
                 earlier.c.id < deliveries.c.id,
             ),
         )
-        .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+        .order_by(deliveries.c.next_attempt_at)  # the index's order: the scan stops at the limit
         .limit(limit)
         .with_for_update(skip_locked=True, of=deliveries)
     )
@@ -246,49 +246,10 @@ class DeliveryStore:
         )
         await self.database.write(lambda conn: conn.execute(statement))
 
-    async def record_attempt(
-        self, delivery: Delivery, lease_token: str, outcome: AttemptOutcome, now: int
-    ) -> bool:
-        """Log the attempt and apply its outcome; False if the lease was lost meanwhile."""
-
-        def record(conn: Connection) -> bool:
-            if outcome.succeeded:
-                status, next_at = SUCCEEDED, delivery.next_attempt_at
-            elif outcome.next_attempt_at is None:
-                status, next_at = FAILED, delivery.next_attempt_at
-            else:
-                status, next_at = PENDING, outcome.next_attempt_at
-            updated = conn.execute(
-                sa.update(deliveries)
-                .where(deliveries.c.id == delivery.id, deliveries.c.lease_token == lease_token)
-                .values(
-                    status=status,
-                    attempts=deliveries.c.attempts + 1,
-                    next_attempt_at=next_at,
-                    lease_token=None,
-                    lease_expires_at=None,
-                    updated_at=now,
-                    last_status_code=outcome.status_code,
-                    last_error=outcome.error,
-                )
-            ).rowcount
-            if not updated:
-                return False
-            conn.execute(
-                sa.insert(delivery_attempts).values(
-                    delivery_id=delivery.id,
-                    attempted_at=now,
-                    status_code=outcome.status_code,
-                    latency_ms=outcome.latency_ms,
-                    error=outcome.error,
-                    response_excerpt=outcome.response_excerpt,
-                )
-            )
-            if delivery.endpoint_id is not None:
-                _update_endpoint_health(conn, delivery.endpoint_id, outcome, now)
-            return True
-
-        return await self.database.write(record)
+    async def record_attempts(self, results: list[RecordedAttempt]) -> list[bool]:
+        """Log attempts and apply their outcomes, all in one transaction. For each: False if the
+        lease was lost meanwhile (someone else owns the message now)."""
+        return await self.database.write(lambda conn: _record_all(conn, results))
 
     async def failing_since(self, endpoint_id: str) -> int | None:
         query = sa.select(webhook_endpoints.c.failing_since).where(
@@ -409,3 +370,77 @@ def _update_endpoint_health(
     )
     if row is not None:
         report_disabled(conn, Endpoint.from_row(row), now)
+
+
+RecordedAttempt = tuple[Delivery, str, AttemptOutcome, int]
+
+
+_apply_outcome = (
+    sa.update(deliveries)
+    .where(deliveries.c.id == sa.bindparam("b_id"))
+    .values(
+        status=sa.bindparam("b_status"),
+        attempts=deliveries.c.attempts + 1,
+        next_attempt_at=sa.bindparam("b_next_at"),
+        lease_token=None,
+        lease_expires_at=None,
+        updated_at=sa.bindparam("b_now"),
+        last_status_code=sa.bindparam("b_code"),
+        last_error=sa.bindparam("b_error"),
+    )
+)
+
+
+def _record_all(conn: Connection, results: list[RecordedAttempt]) -> list[bool]:
+    """Apply a batch of outcomes with a few statements for the whole batch (executemany), not a
+    few per message: recording attempts is the sender's main database cost."""
+    held_query = sa.select(deliveries.c.id, deliveries.c.lease_token).where(
+        deliveries.c.id.in_([delivery.id for delivery, *_ in results])
+    )
+    held = {row.id: row.lease_token for row in conn.execute(held_query.with_for_update())}
+    kept = [r for r in results if held.get(r[0].id) == r[1]]
+    if kept:
+        conn.execute(_apply_outcome, [_outcome_params(*r) for r in kept])
+        conn.execute(
+            sa.insert(delivery_attempts),
+            [
+                {
+                    "delivery_id": delivery.id,
+                    "attempted_at": now,
+                    "status_code": outcome.status_code,
+                    "latency_ms": outcome.latency_ms,
+                    "error": outcome.error,
+                    "response_excerpt": outcome.response_excerpt,
+                }
+                for delivery, _, outcome, now in kept
+            ],
+        )
+        # Endpoint health: the last outcome per endpoint decides (successes clear failing_since).
+        last: dict[str, tuple[AttemptOutcome, int]] = {}
+        for delivery, _, outcome, now in kept:
+            if delivery.endpoint_id is not None:
+                previous = last.get(delivery.endpoint_id)
+                if previous is None or not previous[0].disable_endpoint:
+                    last[delivery.endpoint_id] = (outcome, now)
+        for endpoint_id, (outcome, now) in last.items():
+            _update_endpoint_health(conn, endpoint_id, outcome, now)
+    return [held.get(r[0].id) == r[1] for r in results]
+
+
+def _outcome_params(
+    delivery: Delivery, _token: str, outcome: AttemptOutcome, now: int
+) -> dict[str, Any]:
+    if outcome.succeeded:
+        status, next_at = SUCCEEDED, delivery.next_attempt_at
+    elif outcome.next_attempt_at is None:
+        status, next_at = FAILED, delivery.next_attempt_at
+    else:
+        status, next_at = PENDING, outcome.next_attempt_at
+    return {
+        "b_id": delivery.id,
+        "b_status": status,
+        "b_next_at": next_at,
+        "b_now": now,
+        "b_code": outcome.status_code,
+        "b_error": outcome.error,
+    }

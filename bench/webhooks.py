@@ -1,0 +1,201 @@
+"""Webhook benchmark: deliveries per second and job-finished-to-webhook latency.
+
+    python -m bench.webhooks [--messages 5000] [--postgres-url URL]
+
+1. Throughput, against a fast receiver in its own process on loopback, 64 at a time:
+   - the ceiling: a bare aiohttp POST loop (no signing, no storage);
+   - hookline's sender working through an outbox of N messages: claim, sign (Standard Webhooks),
+     POST, log the attempt, mark the message sent - on SQLite and on PostgreSQL.
+2. Latency while idle: one job at a time through a whole gateway (scripted upstream that answers
+   at once), from the job's finished_at to the webhook arriving at a receiver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import orjson
+
+from bench.submit import free_port, reset_postgres
+from hookline.clock import SystemClock
+from hookline.config import Settings, UpstreamConfig, WebhooksConfig
+from hookline.events import Event, EventType
+from hookline.gateway import Gateway
+from hookline.notify import Notifier
+from hookline.sender import WebhookSender
+from hookline.store import open_store
+from hookline.store.outbox import enqueue_deliveries
+from hookline.store.schema import deliveries
+
+CONCURRENCY = 64
+
+
+async def bare_loop(url: str, n: int) -> float:
+    body = orjson.dumps({"type": "job.succeeded", "timestamp": "x", "data": {"id": "job_x"}})
+    async with aiohttp.ClientSession() as session:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(n):
+            queue.put_nowait(i)
+
+        async def post() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                async with session.post(
+                    url, data=body, headers={"content-type": "application/json"}
+                ) as r:
+                    await r.read()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(post() for _ in range(CONCURRENCY)))
+        return n / (time.perf_counter() - started)
+
+
+async def sender_throughput(database_url: str, url: str, n: int) -> float:
+    store = await open_store(database_url)
+    now = SystemClock().now_ms()
+    events = [
+        (Event(0, f"job_{i:08d}", "bench", 1, EventType.SUCCEEDED, {}, now), None,
+         {"url": url, "events": ["job.succeeded"]})
+        for i in range(n)
+    ]  # fmt: skip
+    await store.database.write(lambda conn: enqueue_deliveries(conn, events, now))
+    if store.dialect == "postgresql":  # a burst into a fresh table: give the planner statistics
+        await store.database.write(lambda conn: conn.exec_driver_sql("ANALYZE deliveries"))
+    config = WebhooksConfig(
+        allowed_networks=["127.0.0.0/8"],
+        max_in_flight=CONCURRENCY,
+        max_in_flight_per_endpoint=CONCURRENCY,
+    )
+    sender = WebhookSender(store.webhooks, config, SystemClock(), Notifier())
+    started = time.perf_counter()
+    await sender.start()
+    pending_query = (
+        deliveries.select()
+        .where(deliveries.c.status == "pending")
+        .with_only_columns(deliveries.c.id)
+        .limit(1)
+    )
+    while await store.database.read(lambda conn: conn.execute(pending_query).first()) is not None:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    await sender.stop()
+    failed = await store.webhooks.list_deliveries("bench", status="failed", limit=1)
+    await store.close()
+    if failed:
+        raise RuntimeError(f"a delivery failed: {failed[0].last_error}")
+    return n / elapsed
+
+
+async def latency(database_url: str, jobs: int) -> list[float]:
+    from tests.scripted_upstream import ScriptedUpstream
+    from tests.webhook_receiver import WebhookReceiver
+
+    upstream, receiver = ScriptedUpstream(), WebhookReceiver()
+    await upstream.start()
+    await receiver.start()
+    settings = Settings(
+        database_url=database_url,
+        local_model=False,
+        upstreams=[UpstreamConfig(name="s", base_url=upstream.base_url, models=["*"])],
+        webhooks=WebhooksConfig(allowed_networks=["127.0.0.0/8"]),
+    )
+    gateway = Gateway(settings)
+    await gateway.start()
+    from hookline.jobs import Operation
+    from hookline.queue import SubmitRequest
+
+    samples = []
+    try:
+        for i in range(jobs):
+            request = SubmitRequest(
+                Operation.CHAT_COMPLETIONS, {"messages": [{"role": "user", "content": "hi"}]},
+                "m", "s", webhook={"url": receiver.url(), "events": ["job.succeeded"]},
+            )  # fmt: skip
+            job, _ = await gateway.queue.submit("bench", request)
+            await receiver.wait_for("/hook", i + 1)
+            arrived_ms = time.time() * 1000
+            finished = await gateway.queue.get("bench", job.id)
+            assert finished.finished_at is not None
+            samples.append(arrived_ms - finished.finished_at)
+            await asyncio.sleep(0.02)  # idle between jobs
+    finally:
+        await gateway.stop()
+        await receiver.stop()
+        await upstream.stop()
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--latency-jobs", type=int, default=100)
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get(
+            "HOOKLINE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
+    )
+    args = parser.parse_args()
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-m", "bench.receiver", str(port)])
+    time.sleep(1.5)
+    url = f"http://127.0.0.1:{port}/hook"
+    rows: list[tuple[str, float]] = []
+    lat: dict[str, list[float]] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            databases = {"SQLite": f"sqlite:///{Path(tmp) / 'bench.db'}"}
+            try:
+                databases["PostgreSQL"] = asyncio.run(
+                    reset_postgres(args.postgres_url, "hookline_bench")
+                )
+            except (OSError, asyncpg.PostgresError) as exc:
+                print(f"PostgreSQL skipped: {exc}")
+            rows.append(
+                ("bare aiohttp POST loop (ceiling)", asyncio.run(bare_loop(url, args.messages)))
+            )
+            for name, database_url in databases.items():
+                rows.append(
+                    (
+                        f"hookline sender, {name}",
+                        asyncio.run(sender_throughput(database_url, url, args.messages)),
+                    )
+                )
+            for name, database_url in databases.items():
+                fresh = (
+                    database_url.replace("bench.db", "latency.db")
+                    if name == "SQLite"
+                    else asyncio.run(reset_postgres(args.postgres_url, "hookline_bench"))
+                )
+                lat[name] = asyncio.run(latency(fresh, args.latency_jobs))
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+    ceiling = rows[0][1]
+    print(
+        f"\nWebhook deliveries, {args.messages} messages, {CONCURRENCY} in flight, loopback receiver\n"
+    )
+    print(f"{'run':<36}{'msgs/s':>10}{'vs ceiling':>12}")
+    for name, rate in rows:
+        print(f"{name:<36}{rate:>10.0f}{rate / ceiling:>11.0%}")
+    print(f"\nJob finished -> webhook arrived, idle, {args.latency_jobs} jobs one at a time\n")
+    print(f"{'database':<14}{'p50 ms':>10}{'p90 ms':>10}{'max ms':>10}")
+    for name, samples in lat.items():
+        q = statistics.quantiles(samples, n=10)
+        print(f"{name:<14}{statistics.median(samples):>10.1f}{q[8]:>10.1f}{max(samples):>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""One writer that groups concurrent writes into one transaction each.
+
+A write per request costs a commit (an fsync on SQLite) and, on PostgreSQL, a round trip. Here each
+caller puts its item on a queue and awaits a future; one task takes everything queued, writes it in
+one call, and resolves the futures. While one batch commits the next one fills, so the batch size
+follows the load by itself and an idle gateway still writes each item at once. Used for accepting
+jobs and for recording webhook attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class WriteBatcher(Generic[Item, Result]):
+    def __init__(
+        self,
+        write: Callable[[list[Item]], Awaitable[list[Result]]],
+        *,
+        name: str,
+        max_batch: int = 1000,
+    ) -> None:
+        self._write = write
+        self._name = name
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=self._name)
+
+    async def stop(self) -> None:
+        """Write what is queued, then stop."""
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def submit(self, item: Item) -> Result:
+        """Write ``item`` (with whatever else is queued); returns once it is committed."""
+        self.start()
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await self._write([item for item, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+            for _ in batch:
+                self._queue.task_done()
