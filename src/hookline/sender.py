@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import aiohttp
@@ -46,21 +46,26 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
-class TTLCache(Generic[K, V]):
+class LoadingCache(Generic[K, V]):
+    """Values kept for ``seconds``; concurrent misses of one key share a single load, so 64 sends
+    starting together cost one query, not 64."""
+
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._entries: dict[K, tuple[float, V]] = {}
+        self._entries: dict[K, tuple[float, asyncio.Future[V]]] = {}
 
-    def get(self, key: K) -> V | None:
+    async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
         entry = self._entries.get(key)
-        if entry is None or entry[0] < time.monotonic():
-            return None
-        return entry[1]
-
-    def put(self, key: K, value: V) -> None:
-        if len(self._entries) > 10_000:
-            self._entries.clear()
-        self._entries[key] = (time.monotonic() + self.seconds, value)
+        if (
+            entry is None
+            or entry[0] < time.monotonic()
+            or (entry[1].done() and entry[1].exception() is not None)
+        ):
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            future = asyncio.ensure_future(load())
+            entry = self._entries[key] = (time.monotonic() + self.seconds, future)
+        return await asyncio.shield(entry[1])
 
 
 def destination(delivery: Delivery) -> str:
@@ -105,8 +110,8 @@ class WebhookSender:
             store.record_attempts, name="hookline-webhook-results"
         )
         self._claim_batch = max(1, min(32, config.max_in_flight // 2))
-        self._secrets = TTLCache[tuple[str, str | None], list[str]](_CACHE_SECONDS)
-        self._endpoints = TTLCache[tuple[str, str], Endpoint | None](_CACHE_SECONDS)
+        self._secrets = LoadingCache[tuple[str, str | None], list[str]](_CACHE_SECONDS)
+        self._endpoints = LoadingCache[tuple[str, str], Endpoint | None](_CACHE_SECONDS)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -210,11 +215,10 @@ class WebhookSender:
     async def _rate_limit(self, delivery: Delivery, dest: str) -> None:
         if delivery.endpoint_id is None:
             return
-        key = (delivery.tenant, delivery.endpoint_id)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            endpoint = await self.store.get_endpoint(*key)
-            self._endpoints.put(key, endpoint)
+        tenant, endpoint_id = delivery.tenant, delivery.endpoint_id
+        endpoint = await self._endpoints.get(
+            (tenant, endpoint_id), lambda: self.store.get_endpoint(tenant, endpoint_id)
+        )
         rate = endpoint.rate_limit_per_second if endpoint else None
         if rate is None:
             self._buckets.pop(dest, None)
@@ -229,11 +233,11 @@ class WebhookSender:
     async def _post(self, delivery: Delivery) -> AttemptOutcome:
         assert self._session is not None
         body = orjson.dumps(delivery.payload)
-        owner = (delivery.tenant, delivery.endpoint_id)
-        secrets = self._secrets.get(owner)
-        if secrets is None:
-            secrets = await self.store.signing_secrets(*owner, self.clock.now_ms())
-            self._secrets.put(owner, secrets)
+        tenant, endpoint_id = delivery.tenant, delivery.endpoint_id
+        secrets = await self._secrets.get(
+            (tenant, endpoint_id),
+            lambda: self.store.signing_secrets(tenant, endpoint_id, self.clock.now_ms()),
+        )
         # The signature's timestamp is wall-clock time: receivers check it against theirs.
         headers = headers_for(delivery.id, int(time.time()), body, secrets)
         started = time.monotonic()

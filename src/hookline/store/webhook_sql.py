@@ -168,7 +168,10 @@ class DeliveryStore:
                 )
                 .order_by(webhook_secrets.c.created_at.desc(), webhook_secrets.c.id.desc())
             )
-            found = list(conn.execute(query).scalars())
+            return list(conn.execute(query).scalars())
+
+        def fetch_or_create(conn: Connection) -> list[str]:
+            found = fetch(conn)
             if found or endpoint_id is not None:
                 return found
             secret = new_secret()
@@ -179,7 +182,10 @@ class DeliveryStore:
             )
             return [secret]
 
-        return await self.database.write(fetch)
+        found = await self.database.read(fetch)  # a read: the common case needs no write lock
+        if found or endpoint_id is not None:
+            return found
+        return await self.database.write(fetch_or_create)
 
     async def rotate_secret(
         self, tenant: str, endpoint_id: str | None, overlap_ms: int, now: int
