@@ -38,6 +38,7 @@ from hookline.store.outbox import enqueue_deliveries
 from hookline.store.schema import deliveries
 
 CONCURRENCY = 64
+CEILING = "bare aiohttp POST loop (ceiling)"
 
 
 async def bare_loop(url: str, n: int) -> float:
@@ -142,6 +143,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--latency-jobs", type=int, default=100)
     parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; medians reported"
+    )
+    parser.add_argument(
         "--postgres-url",
         default=os.environ.get(
             "HOOKLINE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -152,37 +156,33 @@ def main() -> None:
     receiver = subprocess.Popen([sys.executable, "-m", "bench.receiver", str(port)])
     time.sleep(1.5)
     url = f"http://127.0.0.1:{port}/hook"
-    rows: list[tuple[str, float]] = []
+    runs: dict[str, list[float]] = {}
     lat: dict[str, list[float]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            databases = {"SQLite": f"sqlite:///{Path(tmp) / 'bench.db'}"}
-            try:
-                databases["PostgreSQL"] = asyncio.run(
-                    reset_postgres(args.postgres_url, "hookline_bench")
-                )
-            except (OSError, asyncpg.PostgresError) as exc:
-                print(f"PostgreSQL skipped: {exc}")
-            rows.append(
-                ("bare aiohttp POST loop (ceiling)", asyncio.run(bare_loop(url, args.messages)))
-            )
-            for name, database_url in databases.items():
-                rows.append(
-                    (
-                        f"hookline sender, {name}",
-                        asyncio.run(sender_throughput(database_url, url, args.messages)),
+
+            def databases() -> dict[str, str]:
+                fresh = {"SQLite": f"sqlite:///{Path(tmp) / f'bench-{time.monotonic_ns()}.db'}"}
+                try:
+                    fresh["PostgreSQL"] = asyncio.run(
+                        reset_postgres(args.postgres_url, "hookline_bench")
                     )
-                )
-            for name, database_url in databases.items():
-                fresh = (
-                    database_url.replace("bench.db", "latency.db")
-                    if name == "SQLite"
-                    else asyncio.run(reset_postgres(args.postgres_url, "hookline_bench"))
-                )
-                lat[name] = asyncio.run(latency(fresh, args.latency_jobs))
+                except (OSError, asyncpg.PostgresError) as exc:
+                    print(f"PostgreSQL skipped: {exc}")
+                return fresh
+
+            # Interleaved rounds: the machine is shared and noisy, so each run sees the same weather.
+            for _ in range(args.rounds):
+                runs.setdefault(CEILING, []).append(asyncio.run(bare_loop(url, args.messages)))
+                for name, database_url in databases().items():
+                    rate = asyncio.run(sender_throughput(database_url, url, args.messages))
+                    runs.setdefault(f"hookline sender, {name}", []).append(rate)
+            for name, database_url in databases().items():
+                lat[name] = asyncio.run(latency(database_url, args.latency_jobs))
     finally:
         receiver.terminate()
         receiver.wait(10)
+    rows = [(name, statistics.median(rates)) for name, rates in runs.items()]
     ceiling = rows[0][1]
     print(
         f"\nWebhook deliveries, {args.messages} messages, {CONCURRENCY} in flight, loopback receiver\n"
