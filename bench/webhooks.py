@@ -185,7 +185,8 @@ def main() -> None:
     rows = [(name, statistics.median(rates)) for name, rates in runs.items()]
     ceiling = rows[0][1]
     print(
-        f"\nWebhook deliveries, {args.messages} messages, {CONCURRENCY} in flight, loopback receiver\n"
+        f"\nWebhook deliveries, {args.messages} messages, {CONCURRENCY} in flight, loopback "
+        f"receiver, median of {args.rounds} interleaved rounds\n"
     )
     print(f"{'run':<36}{'msgs/s':>10}{'vs ceiling':>12}")
     for name, rate in rows:

@@ -136,14 +136,13 @@ class SQLiteDatabase(Database):
 
     def _write_in_loop(self, operation: Operation[T]) -> T:
         try:
-            conn = self._loop_engine.connect()
-            conn.begin()  # BEGIN IMMEDIATE, failing at once if another process is writing
-        except sa_exc.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise _WriteLockTaken from exc
-            raise translate_error(exc) from exc
-        try:
-            with conn:
+            with self._loop_engine.connect() as conn:
+                try:
+                    conn.begin()  # BEGIN IMMEDIATE, failing at once if another process writes
+                except sa_exc.OperationalError as exc:
+                    if "locked" in str(exc) or "busy" in str(exc):
+                        raise _WriteLockTaken from exc
+                    raise
                 result = operation(conn)
                 conn.commit()
                 return result
