@@ -39,6 +39,7 @@ from hookline.store.schema import deliveries
 
 CONCURRENCY = 64
 CEILING = "bare aiohttp POST loop (ceiling)"
+CPU_PER_MESSAGE_US: list[float] = []  # the sender's own CPU, per message, each run
 
 
 async def bare_loop(url: str, n: int) -> float:
@@ -56,8 +57,9 @@ async def bare_loop(url: str, n: int) -> float:
                 ) as r:
                     await r.read()
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         await asyncio.gather(*(post() for _ in range(CONCURRENCY)))
+        CPU_PER_MESSAGE_US.append((time.process_time() - cpu_started) / n * 1e6)
         return n / (time.perf_counter() - started)
 
 
@@ -78,7 +80,7 @@ async def sender_throughput(database_url: str, url: str, n: int) -> float:
         max_in_flight_per_endpoint=CONCURRENCY,
     )
     sender = WebhookSender(store.webhooks, config, SystemClock(), Notifier())
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await sender.start()
     pending_query = (
         deliveries.select()
@@ -89,6 +91,7 @@ async def sender_throughput(database_url: str, url: str, n: int) -> float:
     while await store.database.read(lambda conn: conn.execute(pending_query).first()) is not None:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started
+    CPU_PER_MESSAGE_US.append((time.process_time() - cpu_started) / n * 1e6)
     await sender.stop()
     failed = await store.webhooks.list_deliveries("bench", status="failed", limit=1)
     await store.close()
@@ -157,6 +160,7 @@ def main() -> None:
     time.sleep(1.5)
     url = f"http://127.0.0.1:{port}/hook"
     runs: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     lat: dict[str, list[float]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -174,9 +178,11 @@ def main() -> None:
             # Interleaved rounds: the machine is shared and noisy, so each run sees the same weather.
             for _ in range(args.rounds):
                 runs.setdefault(CEILING, []).append(asyncio.run(bare_loop(url, args.messages)))
+                cpu.setdefault(CEILING, []).append(CPU_PER_MESSAGE_US[-1])
                 for name, database_url in databases().items():
                     rate = asyncio.run(sender_throughput(database_url, url, args.messages))
                     runs.setdefault(f"hookline sender, {name}", []).append(rate)
+                    cpu.setdefault(f"hookline sender, {name}", []).append(CPU_PER_MESSAGE_US[-1])
             for name, database_url in databases().items():
                 lat[name] = asyncio.run(latency(database_url, args.latency_jobs))
     finally:
@@ -188,9 +194,10 @@ def main() -> None:
         f"\nWebhook deliveries, {args.messages} messages, {CONCURRENCY} in flight, loopback "
         f"receiver, median of {args.rounds} interleaved rounds\n"
     )
-    print(f"{'run':<36}{'msgs/s':>10}{'vs ceiling':>12}")
+    print(f"{'run':<36}{'msgs/s':>10}{'vs ceiling':>12}{'CPU µs/msg':>12}")
     for name, rate in rows:
-        print(f"{name:<36}{rate:>10.0f}{rate / ceiling:>11.0%}")
+        cpu_us = statistics.median(cpu[name])
+        print(f"{name:<36}{rate:>10.0f}{rate / ceiling:>11.0%}{cpu_us:>12.0f}")
     print(f"\nJob finished -> webhook arrived, idle, {args.latency_jobs} jobs one at a time\n")
     print(f"{'database':<14}{'p50 ms':>10}{'p90 ms':>10}{'max ms':>10}")
     for name, samples in lat.items():

@@ -110,6 +110,7 @@ class WebhookSender:
             store.record_attempts, name="hookline-webhook-results"
         )
         self._claim_batch = max(1, min(32, config.max_in_flight // 2))
+        self._checked_urls: set[str] = set()  # URLs whose scheme and literal address passed
         self._secrets = LoadingCache[tuple[str, str | None], list[str]](_CACHE_SECONDS)
         self._endpoints = LoadingCache[tuple[str, str], Endpoint | None](_CACHE_SECONDS)
 
@@ -245,7 +246,11 @@ class WebhookSender:
         excerpt: str | None = None
         retry_after: float | None = None
         try:
-            check_url_syntax(delivery.url, self.policy)
+            if delivery.url not in self._checked_urls:
+                check_url_syntax(delivery.url, self.policy)
+                if len(self._checked_urls) > 10_000:
+                    self._checked_urls.clear()
+                self._checked_urls.add(delivery.url)
             async with self._session.post(
                 delivery.url, data=body, headers=headers, allow_redirects=False
             ) as response:

@@ -17,9 +17,19 @@ from hookline.store.schema import deliveries, delivery_attempts, webhook_endpoin
 from hookline.webhooks import new_secret
 
 
-def _due(now: int, limit: int, busy: Collection[str]) -> sa.Select[tuple[str]]:
-    """Heads of their order_key that are due, not leased, whose endpoint is enabled, and whose
-    destination is not in ``busy`` (at its concurrency or rate limit in this process)."""
+def _due(busy: Collection[str]) -> sa.Select[tuple[str]]:
+    """Heads of their order_key that are due (bind ``now`` and ``limit``), not leased, whose
+    endpoint is enabled, and whose destination is not in ``busy`` (at its concurrency or rate
+    limit in this process)."""
+    if not busy:
+        return _DUE_ANYWHERE
+    return _build_due().where(
+        sa.not_(sa.or_(*(deliveries.c.order_key.startswith(f"{d}|") for d in busy)))
+    )
+
+
+def _build_due() -> sa.Select[tuple[str]]:
+    now = sa.bindparam("now", type_=sa.BigInteger)
     earlier = deliveries.alias("earlier")
     query = (
         sa.select(deliveries.c.id)
@@ -40,14 +50,14 @@ def _due(now: int, limit: int, busy: Collection[str]) -> sa.Select[tuple[str]]:
             ),
         )
         .order_by(deliveries.c.next_attempt_at)  # the index's order: the scan stops at the limit
-        .limit(limit)
+        .limit(sa.bindparam("limit", type_=sa.Integer, literal_execute=True))
         .with_for_update(skip_locked=True, of=deliveries)
     )
-    if busy:
-        query = query.where(
-            sa.not_(sa.or_(*(deliveries.c.order_key.startswith(f"{d}|") for d in busy)))
-        )
     return query
+
+
+# Built once: constructing this statement cost more than running it.
+_DUE_ANYWHERE = _build_due()
 
 
 class DeliveryStore:
@@ -230,7 +240,7 @@ class DeliveryStore:
         self, now: int, limit: int, lease_token: str, lease_expires_at: int, busy: Collection[str]
     ) -> list[Delivery]:
         def claim(conn: Connection) -> list[Delivery]:
-            ids = list(conn.execute(_due(now, limit, busy)).scalars())
+            ids = list(conn.execute(_due(busy), {"now": now, "limit": limit}).scalars())
             if not ids:
                 return []
             rows = conn.execute(
