@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from hookline.jobs import iso
+
+T = TypeVar("T")
+
+
+def _from_row(cls: type[T], row: Mapping[Any, Any]) -> T:
+    """A record whose fields are named like the row's columns."""
+    return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -26,7 +33,7 @@ class Endpoint:
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Endpoint:
-        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})
+        return _from_row(cls, row)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -67,7 +74,7 @@ class Delivery:
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Delivery:
-        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})
+        return _from_row(cls, row)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -99,7 +106,7 @@ class Attempt:
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Attempt:
-        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})
+        return _from_row(cls, row)
 
     def as_json(self) -> dict[str, Any]:
         return {

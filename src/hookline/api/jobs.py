@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from hookline.api.deps import GatewayDep, TenantDep
+from hookline.api.problems import json_response
 from hookline.api.schemas import EventList, JobCreate, JobList, JobOut, event_json
 from hookline.errors import InvalidRequest
 from hookline.gateway import Gateway
@@ -21,12 +21,6 @@ router = APIRouter(prefix="/v1", tags=["jobs"])
 
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d+(?:\.\d+)?)\"?", re.IGNORECASE)
 _MAX_PAGE = 200
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
-    )
 
 
 def _prefer_wait(prefer: str | None, cap: float) -> float:
@@ -98,7 +92,7 @@ async def submit_job(body: JobCreate, request: Request) -> Response:
         job = await gateway.queue.wait_until_terminal(tenant, job.id, wait)
         response_headers["Preference-Applied"] = f"wait={wait:g}"
     status = 200 if job.status.is_terminal and wait > 0 else 202
-    return _json(job_json(job), status, response_headers)
+    return json_response(job_json(job), status, response_headers)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job (optionally long-poll)")
@@ -115,7 +109,7 @@ async def get_job(
         )
     else:
         job = await gateway.queue.get(tenant, job_id)
-    return _json(job_json(job))
+    return json_response(job_json(job))
 
 
 @router.get("/jobs", response_model=JobList, summary="List jobs, newest first")
@@ -136,7 +130,7 @@ async def list_jobs(
         limit=limit + 1,
     )
     page, has_more = jobs[:limit], len(jobs) > limit
-    return _json(
+    return json_response(
         {
             "object": "list",
             "data": [job_json(job) for job in page],
@@ -150,7 +144,7 @@ async def list_jobs(
 async def cancel_job(job_id: str, gateway: GatewayDep, tenant: TenantDep) -> Response:
     """Cancel a queued job at once, or abort a running one's upstream call. A job that is already
     finished is returned unchanged."""
-    return _json(job_json(await gateway.queue.cancel(tenant, job_id)))
+    return json_response(job_json(await gateway.queue.cancel(tenant, job_id)))
 
 
 @router.get("/jobs/{job_id}/events", response_model=EventList, summary="The job's event log")
@@ -162,4 +156,4 @@ async def job_events(
 ) -> Response:
     """The job's events in order, each with its per-job ``seq``."""
     events = await gateway.queue.events(tenant, job_id, after)
-    return _json({"object": "list", "data": [event_json(event) for event in events]})
+    return json_response({"object": "list", "data": [event_json(event) for event in events]})

@@ -6,12 +6,12 @@ from __future__ import annotations
 import datetime
 from typing import Annotated, Any, Literal
 
-import orjson
 from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
 from hookline.api.deps import GatewayDep, TenantDep
+from hookline.api.problems import json_response
 from hookline.api.schemas import check_event_filters
 from hookline.errors import InvalidRequest, NotFound
 from hookline.ssrf import check_url
@@ -19,10 +19,6 @@ from hookline.webhooks import DEFAULT_JOB_EVENTS
 
 router = APIRouter(prefix="/v1", tags=["webhooks"])
 _MAX_PAGE = 200
-
-
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
 class EndpointCreate(BaseModel):
@@ -90,18 +86,18 @@ async def create_endpoint(body: EndpointCreate, gateway: GatewayDep, tenant: Ten
     fields = body.model_dump()
     fields["disabled_reason"] = None if body.enabled else "disabled by the caller"
     endpoint = await gateway.store.webhooks.create_endpoint(tenant, fields, gateway.clock.now_ms())
-    return _json(endpoint.as_json(), 201)
+    return json_response(endpoint.as_json(), 201)
 
 
 @router.get("/webhook-endpoints", summary="List webhook endpoints")
 async def list_endpoints(gateway: GatewayDep, tenant: TenantDep) -> Response:
     endpoints = await gateway.store.webhooks.list_endpoints(tenant)
-    return _json({"object": "list", "data": [e.as_json() for e in endpoints]})
+    return json_response({"object": "list", "data": [e.as_json() for e in endpoints]})
 
 
 @router.get("/webhook-endpoints/{endpoint_id}", summary="Get a webhook endpoint")
 async def get_endpoint(endpoint_id: str, gateway: GatewayDep, tenant: TenantDep) -> Response:
-    return _json((await _endpoint_or_404(gateway, tenant, endpoint_id)).as_json())
+    return json_response((await _endpoint_or_404(gateway, tenant, endpoint_id)).as_json())
 
 
 @router.patch("/webhook-endpoints/{endpoint_id}", summary="Update a webhook endpoint")
@@ -129,7 +125,7 @@ async def update_endpoint(
         raise NotFound(f"no webhook endpoint {endpoint_id!r}")
     if gateway.sender is not None:
         gateway.sender.wake()
-    return _json(endpoint.as_json())
+    return json_response(endpoint.as_json())
 
 
 @router.delete("/webhook-endpoints/{endpoint_id}", status_code=204, summary="Delete an endpoint")
@@ -146,7 +142,9 @@ async def _secret_json(gateway: GatewayDep, tenant: str, endpoint_id: str | None
     secrets = await gateway.store.webhooks.signing_secrets(
         tenant, endpoint_id, gateway.clock.now_ms()
     )
-    return _json({"object": "webhook_secret", "secret": secrets[0], "signing": len(secrets)})
+    return json_response(
+        {"object": "webhook_secret", "secret": secrets[0], "signing": len(secrets)}
+    )
 
 
 @router.get("/webhook-endpoints/{endpoint_id}/secret", summary="An endpoint's signing secret")
@@ -205,7 +203,7 @@ async def recover_endpoint(
     )
     if gateway.sender is not None:
         gateway.sender.wake()
-    return _json({"object": "recovery", "queued": count}, 202)
+    return json_response({"object": "recovery", "queued": count}, 202)
 
 
 @router.get("/deliveries", summary="List webhook deliveries, newest first")
@@ -231,7 +229,7 @@ async def list_deliveries(
         limit=limit + 1,
     )
     page, has_more = found[:limit], len(found) > limit
-    return _json(
+    return json_response(
         {
             "object": "list",
             "data": [d.as_json() for d in page],
@@ -247,7 +245,7 @@ async def get_delivery(delivery_id: str, gateway: GatewayDep, tenant: TenantDep)
     if found is None:
         raise NotFound(f"no delivery {delivery_id!r}")
     delivery, attempts = found
-    return _json({**delivery.as_json(), "attempts_log": [a.as_json() for a in attempts]})
+    return json_response({**delivery.as_json(), "attempts_log": [a.as_json() for a in attempts]})
 
 
 @router.post("/deliveries/{delivery_id}/retry", status_code=202, summary="Send a message again now")
@@ -260,4 +258,4 @@ async def retry_delivery(delivery_id: str, gateway: GatewayDep, tenant: TenantDe
         gateway.sender.wake()
     found = await gateway.store.webhooks.get_delivery(tenant, delivery_id)
     assert found is not None
-    return _json(found[0].as_json(), 202)
+    return json_response(found[0].as_json(), 202)

@@ -30,11 +30,8 @@ def order_key(endpoint_id: str | None, url: str, job_id: str | None) -> str:
     return f"{destination}|{job_id or ''}"
 
 
-def enqueue_deliveries(conn: Connection, reported: Sequence[Reported], now: int) -> int:
-    """Insert one message per (event, subscribed destination). Returns how many."""
-    if not reported:
-        return 0
-    tenants = {event.tenant for event, _, _ in reported}
+def endpoints_by_tenant(conn: Connection, tenants: set[str]) -> dict[str, list[Any]]:
+    """The registered endpoints of these tenants; a tenant without any is absent."""
     endpoints: defaultdict[str, list[Any]] = defaultdict(list)
     query = sa.select(
         webhook_endpoints.c.id,
@@ -44,11 +41,28 @@ def enqueue_deliveries(conn: Connection, reported: Sequence[Reported], now: int)
     ).where(webhook_endpoints.c.tenant.in_(tenants))
     for endpoint in conn.execute(query):
         endpoints[endpoint.tenant].append(endpoint)
+    return dict(endpoints)
+
+
+def enqueue_deliveries(
+    conn: Connection,
+    reported: Sequence[Reported],
+    now: int,
+    endpoints: dict[str, list[Any]] | None = None,
+) -> int:
+    """Insert one message per (event, subscribed destination). Returns how many.
+    ``endpoints`` (from :func:`endpoints_by_tenant`) saves the query when the caller has them."""
+    if not reported:
+        return 0
+    if endpoints is None:
+        endpoints = endpoints_by_tenant(conn, {event.tenant for event, _, _ in reported})
     rows: list[dict[str, Any]] = []
     written = 0
     for event, job, webhook in reported:
         destinations = [
-            (ep.id, ep.url) for ep in endpoints[event.tenant] if matches(ep.events, event.type)
+            (ep.id, ep.url)
+            for ep in endpoints.get(event.tenant, ())
+            if matches(ep.events, event.type)
         ]
         if webhook and matches(webhook.get("events") or DEFAULT_JOB_EVENTS, event.type):
             destinations.append((None, webhook["url"]))

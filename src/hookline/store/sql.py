@@ -18,7 +18,7 @@ from hookline.events import Event, EventType, NewEvent
 from hookline.jobs import Job, JobStatus, sources_for
 from hookline.store.base import AcceptOutcome, Store, Transitioned
 from hookline.store.database import Database, open_database
-from hookline.store.outbox import enqueue_deliveries
+from hookline.store.outbox import endpoints_by_tenant, enqueue_deliveries
 from hookline.store.schema import api_keys, events, jobs
 from hookline.store.webhook_sql import DeliveryStore
 
@@ -178,14 +178,15 @@ class SQLStore(Store):
                 for job, event in items
             ]
             conn.execute(sa.insert(events), rows)
-            enqueue_deliveries(
-                conn,
-                [
-                    (Event.from_row({"id": 0, **row}), job, job.webhook)
-                    for (job, _), row in zip(items, rows, strict=True)
-                ],
-                items[0][0].created_at,
-            )
+            # The hot path: most jobs have no webhook and most tenants no endpoints, so only
+            # the jobs that someone listens to are turned into events for the outbox.
+            subscribed = endpoints_by_tenant(conn, {job.tenant for job, _ in items})
+            reported = [
+                (Event.from_row({"id": 0, **row}), job, job.webhook)
+                for (job, _), row in zip(items, rows, strict=True)
+                if job.webhook or job.tenant in subscribed
+            ]
+            enqueue_deliveries(conn, reported, items[0][0].created_at, subscribed)
             return [AcceptOutcome(job) for job, _ in items]
 
         try:

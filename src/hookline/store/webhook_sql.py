@@ -60,6 +60,13 @@ def _build_due() -> sa.Select[tuple[str]]:
 _DUE_ANYWHERE = _build_due()
 
 
+def _secret_owner(endpoint_id: str | None) -> sa.ColumnElement[bool]:
+    """Secrets of one endpoint, or (None) the tenant's default secrets."""
+    if endpoint_id is None:
+        return webhook_secrets.c.endpoint_id.is_(None)
+    return webhook_secrets.c.endpoint_id == endpoint_id
+
+
 class DeliveryStore:
     def __init__(self, database: Database) -> None:
         self.database = database
@@ -162,11 +169,7 @@ class DeliveryStore:
         the tenant's default secret is created on first use."""
 
         def fetch(conn: Connection) -> list[str]:
-            owner = (
-                webhook_secrets.c.endpoint_id.is_(None)
-                if endpoint_id is None
-                else webhook_secrets.c.endpoint_id == endpoint_id
-            )
+            owner = _secret_owner(endpoint_id)
             query = (
                 sa.select(webhook_secrets.c.secret)
                 .where(
@@ -203,11 +206,7 @@ class DeliveryStore:
         """A new current secret; the previous ones keep signing for ``overlap_ms``."""
 
         def rotate(conn: Connection) -> str:
-            owner = (
-                webhook_secrets.c.endpoint_id.is_(None)
-                if endpoint_id is None
-                else webhook_secrets.c.endpoint_id == endpoint_id
-            )
+            owner = _secret_owner(endpoint_id)
             conn.execute(
                 sa.update(webhook_secrets)
                 .where(
