@@ -11,9 +11,15 @@ from hookline.jobs import iso
 T = TypeVar("T")
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _from_row(cls: type[T], row: Mapping[Any, Any]) -> T:
     """A record whose fields are named like the row's columns."""
-    return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    return cls(**{name: row[name] for name in names})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from hookline.errors import Conflict, NotFound
 from hookline.events import Event, EventType, NewEvent
 from hookline.ids import new_id
 from hookline.jobs import Job, JobStatus, Operation
+from hookline.live import LiveHub
 from hookline.notify import DELIVERIES_AVAILABLE, Notifier
 from hookline.store.base import AcceptOutcome, Store, Transitioned
 
@@ -93,6 +94,7 @@ class JobQueue:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.notifier = notifier or Notifier()
+        self.live = LiveHub()  # committed events and live output, to the streams in this process
         self._writer: WriteBatcher[tuple[Job, NewEvent], AcceptOutcome] = WriteBatcher(
             store.insert_jobs, name="hookline-accept-writer"
         )
@@ -236,6 +238,7 @@ class JobQueue:
         appended = await self.store.append_events(job.id, lease_token, deltas, self.clock.now_ms())
         if appended is None:
             return False
+        self.live.publish_events(appended)
         self.notifier.publish(job_topic(job.id))
         self.notifier.publish(DELIVERIES_AVAILABLE)
         return True
@@ -353,6 +356,7 @@ class JobQueue:
     def _published(self, result: Transitioned | None) -> Job | None:
         if result is None:
             return None
+        self.live.publish_events(result.events)
         self.notifier.publish(job_topic(result.job.id))
         self.notifier.publish(DELIVERIES_AVAILABLE)
         return result.job

@@ -33,7 +33,7 @@ from hookline.httputil import parse_retry_after
 from hookline.ids import new_id
 from hookline.notify import DELIVERIES_AVAILABLE, Notifier
 from hookline.ssrf import AddressPolicy, GuardedResolver, check_url_syntax
-from hookline.store.webhook_sql import DeliveryStore, RecordedAttempt
+from hookline.store.webhook_sql import ClaimRequest, DeliveryStore, RecordedAttempt
 from hookline.webhooks import headers_for
 
 log = logging.getLogger("hookline.webhooks")
@@ -56,16 +56,17 @@ class LoadingCache(Generic[K, V]):
 
     async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
         entry = self._entries.get(key)
-        if (
-            entry is None
-            or entry[0] < time.monotonic()
-            or (entry[1].done() and entry[1].exception() is not None)
-        ):
-            if len(self._entries) > 10_000:
-                self._entries.clear()
-            future = asyncio.ensure_future(load())
-            entry = self._entries[key] = (time.monotonic() + self.seconds, future)
-        return await asyncio.shield(entry[1])
+        if entry is not None and entry[0] >= time.monotonic():
+            future = entry[1]
+            if not future.done():
+                return await asyncio.shield(future)  # a load in flight: share it
+            if future.exception() is None:
+                return future.result()  # the hot path: no new future at all
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        future = asyncio.ensure_future(load())
+        self._entries[key] = (time.monotonic() + self.seconds, future)
+        return await asyncio.shield(future)
 
 
 def destination(delivery: Delivery) -> str:
@@ -101,13 +102,16 @@ class WebhookSender:
         self._buckets: dict[str, TokenBucket] = {}
         self._rates: dict[str, float | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_freed: set[str] = set()  # recorded sends whose in-flight count was given back
+        self._stopping = False
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._unsubscribe: Callable[[], None] = lambda: None
-        # Attempts finishing together are recorded in one transaction.
+        # Attempts finishing together are recorded in one transaction, which also claims the
+        # messages to send next in the room they leave.
         self._results: WriteBatcher[RecordedAttempt, bool] = WriteBatcher(
-            store.record_attempts, name="hookline-webhook-results"
+            self._record_and_refill, name="hookline-webhook-results"
         )
         self._claim_batch = max(1, min(32, config.max_in_flight // 2))
         self._checked_urls: set[str] = set()  # URLs whose scheme and literal address passed
@@ -125,6 +129,7 @@ class WebhookSender:
         self._loop_task = asyncio.create_task(self._run(), name="hookline-webhooks")
 
     async def stop(self) -> None:
+        self._stopping = True
         self._unsubscribe()
         if self._loop_task is not None:
             self._loop_task.cancel()
@@ -152,11 +157,20 @@ class WebhookSender:
                     async with asyncio.timeout(self.config.poll_seconds):
                         await self._wake.wait()
 
-    def _saturated(self) -> set[str]:
+    def _saturated(self, finishing: Counter[str] | None = None) -> set[str]:
+        """Destinations at their concurrency or rate limit (not counting ``finishing`` sends)."""
         limit = self.config.max_in_flight_per_endpoint
-        busy = {d for d, n in self._in_flight.items() if n >= limit}
+        finishing = finishing or Counter()
+        busy = {d for d, n in self._in_flight.items() if n - finishing[d] >= limit}
         busy |= {d for d, bucket in self._buckets.items() if not bucket.available()}
         return busy
+
+    def _claim_request(self, room: int, finishing: Counter[str] | None = None) -> ClaimRequest:
+        now = self.clock.now_ms()
+        lease_ms = int((self.config.timeout_seconds * 2 + 1) * 1000)  # a send outlives no lease
+        return ClaimRequest(
+            now, min(room, 100), new_id("lease"), now + lease_ms, self._saturated(finishing)
+        )
 
     async def _claim(self) -> int:
         room = self.config.max_in_flight - len(self._tasks)
@@ -164,13 +178,31 @@ class WebhookSender:
         # claiming one message each time one finishes.
         if room <= 0 or (self._tasks and room < self._claim_batch):
             return 0
-        now = self.clock.now_ms()
-        lease_ms = int((self.config.timeout_seconds * 2 + 1) * 1000)  # a send outlives no lease
-        token = new_id("lease")
+        claim = self._claim_request(room)
         batch = await self.store.claim_due(
-            now, min(room, 100), token, now + lease_ms, self._saturated()
+            claim.now, claim.limit, claim.lease_token, claim.lease_expires_at, claim.busy
         )
-        # One claim can hold several messages for one destination; keep its limit.
+        return await self._dispatch(batch, claim.lease_token)
+
+    async def _record_and_refill(self, results: list[RecordedAttempt]) -> list[bool]:
+        # The sends being recorded are still counted in flight; their room is free once this ends.
+        room = self.config.max_in_flight - len(self._tasks) + len(results)
+        claim = None
+        if room >= self._claim_batch and not self._stopping:
+            finishing = Counter(destination(delivery) for delivery, *_ in results)
+            claim = self._claim_request(room, finishing)
+        try:
+            held, batch = await self.store.record_attempts(results, claim)
+        finally:
+            for delivery, *_ in results:  # their slots are free for the new claims
+                self._in_flight[destination(delivery)] -= 1
+                self._slot_freed.add(delivery.id)
+        if claim is not None:
+            await self._dispatch(batch, claim.lease_token)
+        return held
+
+    async def _dispatch(self, batch: list[Delivery], token: str) -> int:
+        """Start sending claimed messages; any over a destination's limit go back."""
         taken: Counter[str] = Counter()
         limit = self.config.max_in_flight_per_endpoint
         sendable: list[Delivery] = []
@@ -211,7 +243,10 @@ class WebhookSender:
         except StoreError as exc:
             log.warning("recording delivery %s failed (it will be resent): %s", delivery.id, exc)
         finally:
-            self._in_flight[dest] -= 1
+            if delivery.id in self._slot_freed:
+                self._slot_freed.discard(delivery.id)
+            else:
+                self._in_flight[dest] -= 1
 
     async def _rate_limit(self, delivery: Delivery, dest: str) -> None:
         if delivery.endpoint_id is None:

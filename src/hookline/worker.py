@@ -22,6 +22,7 @@ from hookline.errors import StoreError
 from hookline.events import EventType, NewEvent
 from hookline.ids import new_id
 from hookline.jobs import Job
+from hookline.live import LiveDelta, LiveHub
 from hookline.queue import JOB_CANCELLED, JOBS_AVAILABLE, JobQueue, UpstreamFailure
 from hookline.upstreams.base import Upstream, UpstreamError
 
@@ -33,24 +34,33 @@ _CLAIM_BATCH = 100
 class RunningJob:
     job: Job
     lease_token: str
+    live: LiveHub
     task: asyncio.Task[None] | None = None
     pending: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+    produced: dict[int, int] = dataclasses.field(default_factory=dict)  # characters per choice
+    flushed: dict[int, int] = dataclasses.field(default_factory=dict)
     releasing: bool = False
 
     def add_delta(self, index: int, text: str) -> None:
+        """Called per upstream chunk: straight to live watchers, and buffered for the log."""
+        offset = self.produced.get(index, 0)
+        self.produced[index] = offset + len(text)
         self.pending.setdefault(index, []).append(text)
+        job = self.job
+        self.live.publish_delta(LiveDelta(job.id, job.tenant, job.attempts, index, offset, text))
 
     def take_deltas(self) -> list[NewEvent]:
         if not self.pending:
             return []
         pending, self.pending = self.pending, {}
-        return [
-            NewEvent(
-                EventType.OUTPUT_DELTA,
-                {"attempt": self.job.attempts, "index": index, "text": "".join(parts)},
-            )
-            for index, parts in sorted(pending.items())
-        ]
+        events = []
+        for index, parts in sorted(pending.items()):
+            text = "".join(parts)
+            offset = self.flushed.get(index, 0)
+            self.flushed[index] = offset + len(text)
+            data = {"attempt": self.job.attempts, "index": index, "offset": offset, "text": text}
+            events.append(NewEvent(EventType.OUTPUT_DELTA, data))
+        return events
 
 
 class Worker:
@@ -130,7 +140,7 @@ class Worker:
         token = new_id("lease")
         jobs = await self.queue.claim(name, want, token)
         for job in jobs:
-            running = RunningJob(job, token)
+            running = RunningJob(job, token, self.queue.live)
             self.running[job.id] = running
             self._active[name] += 1
             running.task = asyncio.create_task(self._execute(running), name=f"job-{job.id}")
@@ -192,6 +202,7 @@ class Worker:
             if running.releasing:
                 await _quietly(self.queue.release(job, token, "worker stopped; job requeued"))
         finally:
+            self.queue.live.forget(job.id)
             self.running.pop(job.id, None)
             self._active[job.upstream] -= 1
             self._wake.set()

@@ -3,6 +3,7 @@ outbox (which :mod:`hookline.store.outbox` fills). Same Database as the jobs."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
 from typing import Any
 
@@ -17,18 +18,19 @@ from hookline.store.schema import deliveries, delivery_attempts, webhook_endpoin
 from hookline.webhooks import new_secret
 
 
-def _due(busy: Collection[str]) -> sa.Select[tuple[str]]:
-    """Heads of their order_key that are due (bind ``now`` and ``limit``), not leased, whose
-    endpoint is enabled, and whose destination is not in ``busy`` (at its concurrency or rate
-    limit in this process)."""
+def _claim_statement(busy: Collection[str]) -> sa.Update:
+    """Lease the due heads of their order_key (bind ``now``, ``limit``, ``token``, ``expires``):
+    one statement, which picks and leases together."""
     if not busy:
-        return _DUE_ANYWHERE
-    return _build_due().where(
+        return _CLAIM_ANYWHERE
+    due = _build_due().where(
         sa.not_(sa.or_(*(deliveries.c.order_key.startswith(f"{d}|") for d in busy)))
     )
+    return _leasing(due)
 
 
 def _build_due() -> sa.Select[tuple[str]]:
+    """Heads of their order_key that are due, not leased, whose endpoint is enabled."""
     now = sa.bindparam("now", type_=sa.BigInteger)
     earlier = deliveries.alias("earlier")
     query = (
@@ -56,8 +58,20 @@ def _build_due() -> sa.Select[tuple[str]]:
     return query
 
 
-# Built once: constructing this statement cost more than running it.
-_DUE_ANYWHERE = _build_due()
+def _leasing(due: sa.Select[tuple[str]]) -> sa.Update:
+    return (
+        sa.update(deliveries)
+        .where(deliveries.c.id.in_(due))
+        .values(
+            lease_token=sa.bindparam("token", type_=sa.String),
+            lease_expires_at=sa.bindparam("expires", type_=sa.BigInteger),
+        )
+        .returning(*deliveries.c)
+    )
+
+
+# Built once: constructing these statements cost more than running them.
+_CLAIM_ANYWHERE = _leasing(_build_due())
 
 
 def _secret_owner(endpoint_id: str | None) -> sa.ColumnElement[bool]:
@@ -238,19 +252,8 @@ class DeliveryStore:
     async def claim_due(
         self, now: int, limit: int, lease_token: str, lease_expires_at: int, busy: Collection[str]
     ) -> list[Delivery]:
-        def claim(conn: Connection) -> list[Delivery]:
-            ids = list(conn.execute(_due(busy), {"now": now, "limit": limit}).scalars())
-            if not ids:
-                return []
-            rows = conn.execute(
-                sa.update(deliveries)
-                .where(deliveries.c.id.in_(ids))
-                .values(lease_token=lease_token, lease_expires_at=lease_expires_at)
-                .returning(*deliveries.c)
-            ).mappings()
-            return sorted((Delivery.from_row(r) for r in rows), key=lambda d: d.id)
-
-        return await self.database.write(claim)
+        claim = ClaimRequest(now, limit, lease_token, lease_expires_at, busy)
+        return await self.database.write(lambda conn: _claim(conn, claim))
 
     async def release(self, delivery_ids: Collection[str], lease_token: str) -> None:
         """Give back claimed messages unsent."""
@@ -261,10 +264,19 @@ class DeliveryStore:
         )
         await self.database.write(lambda conn: conn.execute(statement))
 
-    async def record_attempts(self, results: list[RecordedAttempt]) -> list[bool]:
+    async def record_attempts(
+        self, results: list[RecordedAttempt], then_claim: ClaimRequest | None = None
+    ) -> tuple[list[bool], list[Delivery]]:
         """Log attempts and apply their outcomes, all in one transaction. For each: False if the
-        lease was lost meanwhile (someone else owns the message now)."""
-        return await self.database.write(lambda conn: _record_all(conn, results))
+        lease was lost meanwhile (someone else owns the message now). With ``then_claim``, the
+        same transaction claims the next messages: under load the sender spends one commit, not
+        two, per batch of sends."""
+
+        def record(conn: Connection) -> tuple[list[bool], list[Delivery]]:
+            held = _record_all(conn, results) if results else []
+            return held, _claim(conn, then_claim) if then_claim else []
+
+        return await self.database.write(record)
 
     async def failing_since(self, endpoint_id: str) -> int | None:
         query = sa.select(webhook_endpoints.c.failing_since).where(
@@ -390,9 +402,55 @@ def _update_endpoint_health(
 RecordedAttempt = tuple[Delivery, str, AttemptOutcome, int]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """Claim up to ``limit`` due messages under ``lease_token``, none for a ``busy`` destination."""
+
+    now: int
+    limit: int
+    lease_token: str
+    lease_expires_at: int
+    busy: Collection[str]
+
+
+def _claim(conn: Connection, claim: ClaimRequest) -> list[Delivery]:
+    if claim.limit <= 0:
+        return []
+    params = {
+        "now": claim.now,
+        "limit": claim.limit,
+        "token": claim.lease_token,
+        "expires": claim.lease_expires_at,
+    }
+    rows = conn.execute(_claim_statement(claim.busy), params).mappings()
+    return sorted((Delivery.from_row(r) for r in rows), key=lambda d: d.id)
+
+
+# Successes, the common case, are applied a group at a time (one statement for every message of
+# one lease and status code); RETURNING says which leases were still held.
+_apply_success = (
+    sa.update(deliveries)
+    .where(
+        deliveries.c.id.in_(sa.bindparam("ids", expanding=True)),
+        deliveries.c.lease_token == sa.bindparam("token"),
+    )
+    .values(
+        status=SUCCEEDED,
+        attempts=deliveries.c.attempts + 1,
+        lease_token=None,
+        lease_expires_at=None,
+        updated_at=sa.bindparam("now", type_=sa.BigInteger),
+        last_status_code=sa.bindparam("code", type_=sa.Integer),
+        last_error=None,
+    )
+    .returning(deliveries.c.id)
+)
 _apply_outcome = (
     sa.update(deliveries)
-    .where(deliveries.c.id == sa.bindparam("b_id"))
+    .where(
+        deliveries.c.id == sa.bindparam("b_id"),
+        deliveries.c.lease_token == sa.bindparam("b_token"),
+    )
     .values(
         status=sa.bindparam("b_status"),
         attempts=deliveries.c.attempts + 1,
@@ -403,21 +461,35 @@ _apply_outcome = (
         last_status_code=sa.bindparam("b_code"),
         last_error=sa.bindparam("b_error"),
     )
+    .returning(deliveries.c.id)
 )
+_insert_attempt = sa.insert(delivery_attempts)
 
 
 def _record_all(conn: Connection, results: list[RecordedAttempt]) -> list[bool]:
-    """Apply a batch of outcomes with a few statements for the whole batch (executemany), not a
-    few per message: recording attempts is the sender's main database cost."""
-    held_query = sa.select(deliveries.c.id, deliveries.c.lease_token).where(
-        deliveries.c.id.in_([delivery.id for delivery, *_ in results])
-    )
-    held = {row.id: row.lease_token for row in conn.execute(held_query.with_for_update())}
-    kept = [r for r in results if held.get(r[0].id) == r[1]]
+    """Apply a batch of outcomes with a few statements for the whole batch, not a few per
+    message: recording attempts is the sender's main database cost."""
+    successes: dict[tuple[str, int | None], list[RecordedAttempt]] = {}
+    held: set[str] = set()
+    for result in results:
+        delivery, token, outcome, now = result
+        if outcome.succeeded:
+            successes.setdefault((token, outcome.status_code), []).append(result)
+        else:  # rare: one statement each
+            params = _outcome_params(*result)
+            held.update(conn.execute(_apply_outcome, params).scalars())
+    for (token, code), group in successes.items():
+        params = {
+            "ids": [delivery.id for delivery, *_ in group],
+            "token": token,
+            "now": max(now for *_, now in group),
+            "code": code,
+        }
+        held.update(conn.execute(_apply_success, params).scalars())
+    kept = [r for r in results if r[0].id in held]
     if kept:
-        conn.execute(_apply_outcome, [_outcome_params(*r) for r in kept])
         conn.execute(
-            sa.insert(delivery_attempts),
+            _insert_attempt,
             [
                 {
                     "delivery_id": delivery.id,
@@ -439,11 +511,11 @@ def _record_all(conn: Connection, results: list[RecordedAttempt]) -> list[bool]:
                     last[delivery.endpoint_id] = (outcome, now)
         for endpoint_id, (outcome, now) in last.items():
             _update_endpoint_health(conn, endpoint_id, outcome, now)
-    return [held.get(r[0].id) == r[1] for r in results]
+    return [r[0].id in held for r in results]
 
 
 def _outcome_params(
-    delivery: Delivery, _token: str, outcome: AttemptOutcome, now: int
+    delivery: Delivery, token: str, outcome: AttemptOutcome, now: int
 ) -> dict[str, Any]:
     if outcome.succeeded:
         status, next_at = SUCCEEDED, delivery.next_attempt_at
@@ -453,6 +525,7 @@ def _outcome_params(
         status, next_at = PENDING, outcome.next_attempt_at
     return {
         "b_id": delivery.id,
+        "b_token": token,
         "b_status": status,
         "b_next_at": next_at,
         "b_now": now,

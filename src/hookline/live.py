@@ -1,0 +1,239 @@
+"""Live fan-out of job events to the streams watching them (SSE, WebSocket, the OpenAI facade).
+
+Two kinds of message reach a watcher:
+
+- committed events (:class:`~hookline.events.Event`), published right after their transaction;
+- :class:`LiveDelta` — output text the moment the upstream produced it, before the worker's
+  coalesced ``job.output.delta`` write (every ``delta_flush_seconds``) makes it durable.
+
+Every piece of output text has an absolute position: ``offset`` counts the characters of one
+(attempt, choice index) before it, in live deltas and in the durable delta events alike. A
+:class:`StreamCursor` remembers, per watcher, the last durable ``seq`` it passed and how much text
+of each choice it has sent, so a durable event repeating text already sent live is trimmed and a
+live delta that would leave a gap is held back (the durable event brings the text moments later).
+Its resume token (the SSE id) encodes both, so a client resuming with ``Last-Event-ID`` gets
+exactly the text it lacks: never a token lost, never one repeated.
+
+The hub is in-process. A watcher in a process without the job's worker sees the durable events
+(by re-reading the store) but not the live deltas before they are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+from collections.abc import Iterable
+
+from hookline.events import Event, EventType
+
+# A watcher that falls this far behind is cut off from live messages and catches up from the
+# store (which holds every durable event): memory stays bounded whatever the client's speed.
+MAX_BACKLOG = 10_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LiveDelta:
+    job_id: str
+    tenant: str
+    attempt: int
+    index: int
+    offset: int
+    text: str
+
+
+Message = Event | LiveDelta
+
+
+class Subscription:
+    """A watcher's inbox. ``lagged`` means messages were dropped: re-read the store."""
+
+    def __init__(self, hub: LiveHub, key: str) -> None:
+        self._hub = hub
+        self._key = key
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._ready = asyncio.Event()
+        self.lagged = False
+
+    def put(self, message: Message) -> None:
+        if len(self._inbox) >= MAX_BACKLOG:
+            self._inbox.clear()
+            self.lagged = True
+        else:
+            self._inbox.append(message)
+        self._ready.set()
+
+    def drain(self) -> list[Message]:
+        messages = list(self._inbox)
+        self._inbox.clear()
+        self._ready.clear()
+        return messages
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a message; True if one is there."""
+        if self._inbox or self.lagged:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._hub._unsubscribe(self._key, self)
+
+
+class LiveHub:
+    def __init__(self) -> None:
+        self._watchers: dict[str, set[Subscription]] = {}
+        # Per running job, the live text not yet durable, per (attempt, index): (offset, parts).
+        # A late joiner gets it at once instead of waiting for the next durable write.
+        self._tails: dict[str, dict[tuple[int, int], tuple[int, list[str]]]] = {}
+
+    # --- watchers
+
+    def watch_job(self, job_id: str) -> tuple[Subscription, list[LiveDelta]]:
+        """Subscribe to one job; also returns the live text not yet durable, as deltas."""
+        subscription = self._subscribe(f"job:{job_id}")
+        backlog = [
+            LiveDelta(job_id, "", attempt, index, offset, "".join(parts))
+            for (attempt, index), (offset, parts) in self._tails.get(job_id, {}).items()
+            if parts
+        ]
+        return subscription, backlog
+
+    def watch_tenant(self, tenant: str) -> Subscription:
+        return self._subscribe(f"tenant:{tenant}")
+
+    def _subscribe(self, key: str) -> Subscription:
+        subscription = Subscription(self, key)
+        self._watchers.setdefault(key, set()).add(subscription)
+        return subscription
+
+    def _unsubscribe(self, key: str, subscription: Subscription) -> None:
+        watchers = self._watchers.get(key)
+        if watchers is not None:
+            watchers.discard(subscription)
+            if not watchers:
+                del self._watchers[key]
+
+    def watching(self, job_id: str) -> bool:
+        return f"job:{job_id}" in self._watchers
+
+    # --- publishers
+
+    def publish_delta(self, delta: LiveDelta) -> None:
+        """Output text straight from the upstream (the worker calls this per chunk)."""
+        tails = self._tails.setdefault(delta.job_id, {})
+        key = (delta.attempt, delta.index)
+        start, parts = tails.get(key, (delta.offset, []))
+        if not parts:
+            start = delta.offset
+        parts.append(delta.text)
+        tails[key] = (start, parts)
+        for key_ in (f"job:{delta.job_id}", f"tenant:{delta.tenant}"):
+            for subscription in self._watchers.get(key_, ()):
+                subscription.put(delta)
+
+    def publish_events(self, events: Iterable[Event]) -> None:
+        """Events just committed, in ``seq`` order per job."""
+        for event in events:
+            if event.type == EventType.OUTPUT_DELTA:
+                self._made_durable(event)
+            elif event.type.is_terminal:
+                self._tails.pop(event.job_id, None)
+            for key in (f"job:{event.job_id}", f"tenant:{event.tenant}"):
+                for subscription in self._watchers.get(key, ()):
+                    subscription.put(event)
+
+    def _made_durable(self, event: Event) -> None:
+        tails = self._tails.get(event.job_id)
+        key = (event.data.get("attempt", 0), event.data.get("index", 0))
+        if tails is None or key not in tails:
+            return
+        start, parts = tails[key]
+        end = event.data.get("offset", start) + len(event.data.get("text", ""))
+        text = "".join(parts)[max(0, end - start) :]
+        tails[key] = (max(start, end), [text] if text else [])
+
+    def forget(self, job_id: str) -> None:
+        """The job stopped running here (finished, released, lost): drop its live text."""
+        self._tails.pop(job_id, None)
+
+
+class BadResumeToken(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class StreamCursor:
+    """One watcher's position: the last durable ``seq`` passed, and how many characters of each
+    (attempt, index) it has been sent (live or durable)."""
+
+    seq: int = 0
+    attempt: int = 0
+    sent: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, token: str | None) -> StreamCursor:
+        """``"12"`` (after event 12) or ``"12.1.340"`` (and 340 characters of attempt 1, choice 0
+        beyond it; ``"12.1.340.95"`` adds choice 1)."""
+        if token is None or token.strip() == "":
+            return cls()
+        parts = token.strip().split(".")
+        if not all(p.isascii() and p.isdigit() and len(p) <= 15 for p in parts) or len(parts) == 2:
+            raise BadResumeToken(f"not an event id of this stream: {token[:60]!r}")
+        cursor = cls(seq=int(parts[0]))
+        if len(parts) > 2:
+            cursor.attempt = int(parts[1])
+            for index, count in enumerate(parts[2:]):
+                cursor.sent[(cursor.attempt, index)] = int(count)
+        return cursor
+
+    def token(self) -> str:
+        counts = [n for (attempt, _), n in sorted(self.sent.items()) if attempt == self.attempt]
+        if not any(counts):
+            return str(self.seq)
+        by_index = {i: n for (a, i), n in self.sent.items() if a == self.attempt}
+        width = max(by_index) + 1
+        return ".".join(
+            map(str, [self.seq, self.attempt, *(by_index.get(i, 0) for i in range(width))])
+        )
+
+    def take_event(self, event: Event) -> Event | None:
+        """The event to send for a durable one (its text trimmed of what was sent live), or None
+        when there is nothing new in it."""
+        if event.seq <= self.seq:
+            return None
+        self.seq = event.seq
+        if event.type == EventType.STARTED:
+            self.attempt = max(self.attempt, int(event.data.get("attempt", 0)))
+        if event.type != EventType.OUTPUT_DELTA:
+            return event
+        attempt = int(event.data.get("attempt", 0))
+        index = int(event.data.get("index", 0))
+        text: str = event.data.get("text", "")
+        have = self.sent.get((attempt, index), 0)
+        offset = int(event.data.get("offset", have))
+        self.sent[(attempt, index)] = max(have, offset + len(text))
+        skip = have - offset
+        if skip <= 0:
+            return event
+        if skip >= len(text):
+            return None
+        data = {**event.data, "text": text[skip:], "offset": offset + skip}
+        return dataclasses.replace(event, data=data)
+
+    def take_delta(self, delta: LiveDelta) -> LiveDelta | None:
+        """The part of a live delta the watcher lacks, or None (already sent, or it would leave
+        a gap that the durable event will fill)."""
+        key = (delta.attempt, delta.index)
+        have = self.sent.get(key, 0)
+        end = delta.offset + len(delta.text)
+        if delta.offset > have or end <= have or delta.attempt < self.attempt:
+            return None
+        self.attempt = delta.attempt
+        self.sent[key] = end
+        skip = have - delta.offset
+        return dataclasses.replace(delta, offset=have, text=delta.text[skip:]) if skip else delta
