@@ -184,7 +184,7 @@ async def serve(settings: Settings, clock: Clock | None = None) -> AsyncIterator
     config = uvicorn.Config(
         create_app(gateway, manage_gateway=False),
         log_level="warning",
-        ws="none",
+        ws="websockets-sansio",
         lifespan="off",
         timeout_graceful_shutdown=1,
     )

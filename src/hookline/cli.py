@@ -98,6 +98,7 @@ def _serve_http(settings: Settings, *, run_worker: bool) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        ws="websockets-sansio",
         timeout_graceful_shutdown=5,  # long-polls and streams are told to reconnect, not waited on
     )
     uvicorn.Server(config).run()

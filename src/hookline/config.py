@@ -123,6 +123,13 @@ class WebhooksConfig(_Section):
         return self
 
 
+class StreamsConfig(_Section):
+    # A comment line this often keeps proxies from closing an idle SSE stream or WebSocket.
+    heartbeat_seconds: float = Field(default=15.0, gt=0)
+    # How often a stream re-reads the store for events written by other processes.
+    poll_seconds: float = Field(default=0.5, gt=0)
+
+
 class Settings(_Section):
     database_url: str = DEFAULT_DATABASE_URL
     host: str = "127.0.0.1"
@@ -134,6 +141,7 @@ class Settings(_Section):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
+    streams: StreamsConfig = Field(default_factory=StreamsConfig)
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     _routes: dict[str, UpstreamConfig] = PrivateAttr(default_factory=dict)
 

@@ -104,6 +104,7 @@ class LiveHub:
         return subscription, backlog
 
     def watch_tenant(self, tenant: str) -> Subscription:
+        """Committed events of every job of the tenant (no live text)."""
         return self._subscribe(f"tenant:{tenant}")
 
     def _subscribe(self, key: str) -> Subscription:
@@ -132,9 +133,8 @@ class LiveHub:
             start = delta.offset
         parts.append(delta.text)
         tails[key] = (start, parts)
-        for key_ in (f"job:{delta.job_id}", f"tenant:{delta.tenant}"):
-            for subscription in self._watchers.get(key_, ()):
-                subscription.put(delta)
+        for subscription in self._watchers.get(f"job:{delta.job_id}", ()):
+            subscription.put(delta)
 
     def publish_events(self, events: Iterable[Event]) -> None:
         """Events just committed, in ``seq`` order per job."""

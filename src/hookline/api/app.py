@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.responses import Response
 
 from hookline import __version__
-from hookline.api import jobs, webhooks
+from hookline.api import jobs, openai_compat, streams, webhooks
 from hookline.api.limits import BodyLimitMiddleware
 from hookline.api.problems import install_problem_handlers, problem
 from hookline.errors import StoreError
@@ -40,6 +40,8 @@ def create_app(gateway: Gateway, *, manage_gateway: bool = True) -> FastAPI:
     # The routes join the app's own router: FastAPI's include_router keeps a lazily resolved
     # sub-router that it walks on every request, which cost 13% of the accept path's CPU.
     app.router.routes.extend(jobs.router.routes)
+    app.router.routes.extend(streams.router.routes)
+    app.router.routes.extend(openai_compat.router.routes)
     app.router.routes.extend(webhooks.router.routes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=gateway.settings.jobs.max_body_bytes)
 

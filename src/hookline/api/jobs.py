@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from hookline.api.deps import GatewayDep, TenantDep
 from hookline.api.problems import json_response
-from hookline.api.schemas import EventList, JobCreate, JobList, JobOut, event_json
+from hookline.api.schemas import JobCreate, JobList, JobOut
 from hookline.errors import InvalidRequest
 from hookline.gateway import Gateway
 from hookline.jobs import JobStatus, Operation, job_json
@@ -145,15 +145,3 @@ async def cancel_job(job_id: str, gateway: GatewayDep, tenant: TenantDep) -> Res
     """Cancel a queued job at once, or abort a running one's upstream call. A job that is already
     finished is returned unchanged."""
     return json_response(job_json(await gateway.queue.cancel(tenant, job_id)))
-
-
-@router.get("/jobs/{job_id}/events", response_model=EventList, summary="The job's event log")
-async def job_events(
-    job_id: str,
-    gateway: GatewayDep,
-    tenant: TenantDep,
-    after: Annotated[int, Query(ge=0, description="Only events with seq > after")] = 0,
-) -> Response:
-    """The job's events in order, each with its per-job ``seq``."""
-    events = await gateway.queue.events(tenant, job_id, after)
-    return json_response({"object": "list", "data": [event_json(event) for event in events]})

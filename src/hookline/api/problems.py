@@ -48,15 +48,21 @@ def problem(
     *,
     slug: str | None = None,
     headers: dict[str, str] | None = None,
+    openai: bool = False,
     **extensions: Any,
 ) -> Response:
+    """A problem+json response; with ``openai``, it also carries OpenAI's ``error`` object, which
+    the OpenAI SDKs read their message from (the facade's routes answer this way)."""
+    kind = slug or _TITLES.get(status, "error").lower().replace(" ", "-")
     body = {
-        "type": f"urn:hookline:problem:{slug or _TITLES.get(status, 'error').lower().replace(' ', '-')}",
+        "type": f"urn:hookline:problem:{kind}",
         "title": _TITLES.get(status, "Error"),
         "status": status,
         "detail": detail,
         **extensions,
     }
+    if openai:
+        body["error"] = {"message": detail, "type": kind, "param": None, "code": kind}
     return Response(
         orjson.dumps(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
     )
@@ -101,18 +107,30 @@ async def _http_handler(request: Request, exc: Exception) -> Response:
     return problem(exc.status_code, detail, headers=dict(exc.headers or {}))
 
 
+# The OpenAI-compatible routes: their errors also carry OpenAI's error object.
+OPENAI_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+)
+
+
 async def _hookline_handler(request: Request, exc: Exception) -> Response:
+    openai = request.url.path in OPENAI_PATHS
     for error_type, status, slug in _ERROR_STATUS:
         if isinstance(exc, error_type):
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             if status == 503:
                 headers = {"Retry-After": "1"}
-            return problem(status, str(exc), slug=slug, headers=headers)
-    return problem(500, "internal error", slug="internal-error")
+            return problem(status, str(exc), slug=slug, headers=headers, openai=openai)
+    return problem(500, "internal error", slug="internal-error", openai=openai)
 
 
 async def _unexpected_handler(request: Request, exc: Exception) -> Response:
-    return problem(500, "internal error; the server log has the details", slug="internal-error")
+    return problem(
+        500,
+        "internal error; the server log has the details",
+        slug="internal-error",
+        openai=request.url.path in OPENAI_PATHS,
+    )
 
 
 def install_problem_handlers(app: FastAPI) -> None:

@@ -84,6 +84,12 @@ class Store(abc.ABC):
     ) -> list[Event]: ...
 
     @abc.abstractmethod
+    async def list_tenant_events(
+        self, tenant: str, after_id: int = 0, limit: int = 1000
+    ) -> list[Event]:
+        """The tenant's events with store-wide ``id`` > ``after_id``, in id order."""
+
+    @abc.abstractmethod
     async def claim_jobs(
         self,
         upstream: str,

@@ -90,6 +90,7 @@ events = sa.Table(
     sa.Column("data", JSONType, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.UniqueConstraint("job_id", "seq", name="uq_events_job_seq"),
+    sa.Index("ix_events_tenant_id", "tenant", "id"),
     sqlite_autoincrement=True,
 )
 

@@ -251,6 +251,19 @@ class SQLStore(Store):
             lambda conn: [Event.from_row(row) for row in conn.execute(query).mappings()]
         )
 
+    async def list_tenant_events(
+        self, tenant: str, after_id: int = 0, limit: int = 1000
+    ) -> list[Event]:
+        query = (
+            sa.select(events)
+            .where(events.c.tenant == tenant, events.c.id > after_id)
+            .order_by(events.c.id)
+            .limit(limit)
+        )
+        return await self.database.read(
+            lambda conn: [Event.from_row(row) for row in conn.execute(query).mappings()]
+        )
+
     async def claim_jobs(
         self,
         upstream: str,

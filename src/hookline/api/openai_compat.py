@@ -1,0 +1,259 @@
+"""The OpenAI-compatible front door: ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/embeddings`` and ``/v1/models``, in OpenAI's request and response formats.
+
+Every call is a durable job (its id in the ``Hookline-Job-Id`` header). The upstream call belongs
+to the job, not to the HTTP connection: a client that disconnects does not abort it, and can
+reattach to the result and events through the job API instead of paying twice. With
+``stream: true`` the job's live output is relayed as ``chat.completion.chunk`` (or
+``text_completion``) events ending with ``data: [DONE]``; ``Prefer: respond-async`` answers
+``202`` with the job at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.responses import Response
+
+from hookline.api.problems import json_response, problem
+from hookline.api.schemas import JobCreate
+from hookline.errors import InvalidRequest
+from hookline.gateway import Gateway
+from hookline.jobs import Job, JobStatus, Operation, job_json
+from hookline.live import StreamCursor
+from hookline.queue import SubmitRequest
+from hookline.streams import job_stream
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}
+
+
+@router.post(
+    "/chat/completions",
+    summary="OpenAI chat completions, as a durable job",
+    openapi_extra=_REQUEST_BODY,
+)
+async def chat_completions(request: Request) -> Response:
+    return await _call(request, Operation.CHAT_COMPLETIONS)
+
+
+@router.post(
+    "/completions", summary="OpenAI completions, as a durable job", openapi_extra=_REQUEST_BODY
+)
+async def completions(request: Request) -> Response:
+    return await _call(request, Operation.COMPLETIONS)
+
+
+@router.post(
+    "/embeddings", summary="OpenAI embeddings, as a durable job", openapi_extra=_REQUEST_BODY
+)
+async def embeddings(request: Request) -> Response:
+    return await _call(request, Operation.EMBEDDINGS)
+
+
+@router.get("/models", summary="The models the configured upstreams serve (OpenAI format)")
+async def models(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    await gateway.keys.tenant_for(request.headers.get("authorization"))
+    data = [
+        {"id": model, "object": "model", "created": 0, "owned_by": upstream.name}
+        for upstream in gateway.settings.upstreams
+        for model in upstream.models
+        if not any(c in model for c in "*?[")  # patterns route; they are not models
+    ]
+    return json_response({"object": "list", "data": data})
+
+
+async def _call(request: Request, operation: Operation) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    headers = request.headers
+    tenant = await gateway.keys.tenant_for(headers.get("authorization"))
+    body = _parse_body(await request.body(), headers.get("content-type", ""))
+    stream = body.pop("stream", False) is True and operation.streams
+    stream_options = body.pop("stream_options", None)
+    include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    try:
+        spec = JobCreate.model_validate({"operation": operation, "input": body})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "input")
+        raise InvalidRequest(f"{where + ': ' if where else ''}{first['msg']}") from exc
+    assert spec.model is not None
+    upstream = gateway.settings.upstream_for(spec.model)
+    idempotency_key = headers.get("idempotency-key") or None
+    if idempotency_key is not None and len(idempotency_key) > 256:
+        raise InvalidRequest("the Idempotency-Key header is longer than 256 characters")
+    submission = SubmitRequest(
+        operation=operation,
+        input={k: v for k, v in body.items() if k != "model"},
+        model=spec.model,
+        upstream=upstream.name,
+        metadata={"via": "openai"},
+        idempotency_key=idempotency_key,
+    )
+    job, _ = await gateway.queue.submit(tenant, submission)
+    job_headers = {"Hookline-Job-Id": job.id, "Location": f"/v1/jobs/{job.id}"}
+    if "respond-async" in (headers.get("prefer") or "").lower():
+        return json_response(
+            job_json(job), 202, {**job_headers, "Preference-Applied": "respond-async"}
+        )
+    if stream:
+        relay = _chunks(gateway, tenant, job, operation, include_usage)
+        response = _openai_sse(gateway, relay)
+        response.headers.update(job_headers)
+        return response
+    while not job.status.is_terminal:  # a client that goes away leaves the job running
+        job = await gateway.queue.wait_until_terminal(tenant, job.id, 60)
+    if job.status is JobStatus.SUCCEEDED:
+        return json_response(job.output, 200, job_headers)
+    status, kind, message = _failure(job)
+    return problem(status, message, slug=kind, headers=job_headers, openai=True, job=job_json(job))
+
+
+def _parse_body(raw: bytes, content_type: str) -> dict[str, Any]:
+    if "json" not in content_type:
+        raise InvalidRequest(
+            f"the request body must be JSON: send 'Content-Type: application/json' (got {content_type or 'none'!r})"
+        )
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _failure(job: Job) -> tuple[int, str, str]:
+    """The HTTP status, kind and message a finished, unsuccessful job answers with."""
+    if job.status is JobStatus.CANCELLED:
+        return 409, "job-cancelled", f"job {job.id} was cancelled"
+    if job.status is JobStatus.EXPIRED:
+        return 504, "job-expired", f"job {job.id} expired before it started"
+    error = job.error or {}
+    upstream_status = error.get("upstream_status")
+    status = (
+        upstream_status
+        if isinstance(upstream_status, int) and 400 <= upstream_status < 500
+        else 502
+    )
+    return (
+        status,
+        str(error.get("type") or "upstream-error"),
+        str(error.get("message") or "the job failed"),
+    )
+
+
+def _openai_sse(gateway: Gateway, chunks: AsyncIterator[str]) -> EventSourceResponse:
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        async for data in chunks:
+            yield ServerSentEvent(data)
+
+    return EventSourceResponse(
+        events(),
+        ping=gateway.settings.streams.heartbeat_seconds,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _chunks(
+    gateway: Gateway, tenant: str, job: Job, operation: Operation, include_usage: bool
+) -> AsyncIterator[str]:
+    """The job's events as OpenAI stream chunks (JSON text of each ``data:`` line)."""
+    chat = operation is Operation.CHAT_COMPLETIONS
+    base = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{job.id}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": job.created_at // 1000,
+        "model": job.model,
+    }
+    started: set[int] = set()  # choices whose first chunk (with the role) went out
+    attempt: int | None = None  # the attempt whose text the client is getting
+    stream = job_stream(
+        gateway.queue,
+        tenant,
+        job.id,
+        StreamCursor(),
+        poll_seconds=gateway.settings.streams.poll_seconds,
+    )
+    async for item in stream:
+        if item.type == "job.output.delta":
+            data = item.body["data"]
+            if attempt is not None and data["attempt"] != attempt:
+                # The upstream broke off and the job started over: the text sent so far is not a
+                # prefix of the new answer, which OpenAI's stream format cannot express.
+                yield _error_chunk(
+                    "upstream_retry",
+                    f"the upstream connection broke and job {job.id} was retried; its result "
+                    f"is at /v1/jobs/{job.id}",
+                )
+                return
+            attempt = data["attempt"]
+            yield orjson.dumps(
+                _delta_chunk(base, chat, data["index"], data["text"], started)
+            ).decode()
+        elif item.type == "job.succeeded":
+            final = (await gateway.queue.get(tenant, job.id)).output or {}
+            for choice in final.get("choices") or []:
+                index = choice.get("index", 0)
+                finish = {"finish_reason": choice.get("finish_reason"), "logprobs": None}
+                if chat:
+                    delta: dict[str, Any] = {}
+                    if index not in started:
+                        delta["role"] = "assistant"
+                    tool_calls = (choice.get("message") or {}).get("tool_calls")
+                    if tool_calls:  # relayed whole at the end: the live text carries no tool calls
+                        delta["tool_calls"] = [
+                            {**call, "index": i} for i, call in enumerate(tool_calls)
+                        ]
+                    chunk_choice = {"index": index, "delta": delta, **finish}
+                else:
+                    chunk_choice = {"index": index, "text": "", **finish}
+                yield orjson.dumps({**base, "choices": [chunk_choice]}).decode()
+            if include_usage and final.get("usage") is not None:
+                yield orjson.dumps({**base, "choices": [], "usage": final["usage"]}).decode()
+            yield "[DONE]"
+            return
+        elif item.terminal:
+            finished = await gateway.queue.get(tenant, job.id)
+            _, kind, message = _failure(finished)
+            yield _error_chunk(kind, message)
+            return
+
+
+def _delta_chunk(
+    base: dict[str, Any], chat: bool, index: int, text: str, started: set[int]
+) -> dict[str, Any]:
+    if not chat:
+        choice: dict[str, Any] = {
+            "index": index,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": None,
+        }
+        return {**base, "choices": [choice]}
+    delta = {"content": text}
+    if index not in started:
+        started.add(index)
+        delta = {"role": "assistant", "content": text}
+    return {
+        **base,
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}],
+    }
+
+
+def _error_chunk(kind: str, message: str) -> str:
+    return orjson.dumps(
+        {"error": {"message": message, "type": kind, "param": None, "code": kind}}
+    ).decode()

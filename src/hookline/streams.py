@@ -1,0 +1,145 @@
+"""A job's events as a resumable stream: history from the store, then live messages.
+
+:func:`job_stream` is what SSE, the WebSocket and the OpenAI facade read. It first replays the
+durable events after the caller's resume point, then relays the :class:`~hookline.live.LiveHub`
+messages of this process: committed events, and output text the moment the upstream produced it.
+A :class:`~hookline.live.StreamCursor` keeps the two consistent (no text lost or doubled). Events
+written by other processes are found by re-reading the store: at once when a live event shows a
+gap in ``seq``, and otherwise every ``poll_seconds``. The stream ends after the terminal event.
+
+:func:`tenant_stream` follows every durable event of a tenant, by store-wide event id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Collection
+from typing import Any
+
+from hookline.events import Event
+from hookline.jobs import iso
+from hookline.live import LiveDelta, Message, StreamCursor
+from hookline.queue import JobQueue
+
+_PAGE = 1000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamItem:
+    """One message of a stream: ``id`` is the resume token (the SSE id)."""
+
+    id: str
+    type: str
+    body: dict[str, Any]
+    terminal: bool = False
+
+
+def _event_item(event: Event, token: str) -> StreamItem:
+    body = {
+        "job_id": event.job_id,
+        "seq": event.seq,
+        "type": event.type.value,
+        "data": event.data,
+        "created_at": iso(event.created_at),
+    }
+    return StreamItem(token, event.type.value, body, event.type.is_terminal)
+
+
+def _delta_item(delta: LiveDelta, token: str) -> StreamItem:
+    body = {
+        "job_id": delta.job_id,
+        "seq": None,  # live: not in the log yet; the id still resumes exactly here
+        "type": "job.output.delta",
+        "data": {
+            "attempt": delta.attempt,
+            "index": delta.index,
+            "offset": delta.offset,
+            "text": delta.text,
+        },
+        "created_at": iso(int(time.time() * 1000)),
+    }
+    return StreamItem(token, "job.output.delta", body)
+
+
+async def job_stream(
+    queue: JobQueue, tenant: str, job_id: str, cursor: StreamCursor, *, poll_seconds: float
+) -> AsyncIterator[StreamItem]:
+    """The job's events after ``cursor``, live, until the terminal one. Raises NotFound (before
+    yielding anything) for a job the tenant does not have."""
+    job = await queue.get(tenant, job_id)
+    subscription, backlog = queue.live.watch_job(job_id)
+    try:
+        # Replay what the store has, then the live text not yet written, then follow.
+        for item in await _catch_up(queue, job_id, cursor):
+            yield item
+            if item.terminal:
+                return
+        if job.status.is_terminal:  # resumed after its end: nothing more will come
+            return
+        pending: list[Message] = list(backlog)
+        while True:
+            for message in pending:
+                if isinstance(message, LiveDelta):
+                    delta = cursor.take_delta(message)
+                    if delta is not None:
+                        yield _delta_item(delta, cursor.token())
+                    continue
+                items = []
+                if message.seq > cursor.seq + 1:  # a gap: written by another process
+                    items = await _catch_up(queue, job_id, cursor)
+                taken = cursor.take_event(message)
+                if taken is not None:
+                    items.append(_event_item(taken, cursor.token()))
+                for item in items:
+                    yield item
+                    if item.terminal:
+                        return
+            if not await subscription.wait(poll_seconds) or subscription.lagged:
+                subscription.lagged = False
+                subscription.drain()
+                for item in await _catch_up(queue, job_id, cursor):
+                    yield item
+                    if item.terminal:
+                        return
+            pending = subscription.drain()
+    finally:
+        subscription.close()
+
+
+async def _catch_up(queue: JobQueue, job_id: str, cursor: StreamCursor) -> list[StreamItem]:
+    items = []
+    while True:
+        events = await queue.store.list_events(job_id, cursor.seq, limit=_PAGE)
+        for event in events:
+            taken = cursor.take_event(event)
+            if taken is not None:
+                items.append(_event_item(taken, cursor.token()))
+        if len(events) < _PAGE:
+            return items
+
+
+async def tenant_stream(
+    queue: JobQueue,
+    tenant: str,
+    after_id: int,
+    types: Collection[str],
+    *,
+    poll_seconds: float,
+) -> AsyncIterator[StreamItem]:
+    """Every durable event of the tenant after store-wide id ``after_id`` (of ``types``, if
+    given), without end. Live messages only wake it; the store is the source."""
+    subscription = queue.live.watch_tenant(tenant)
+    try:
+        while True:
+            events = await queue.store.list_tenant_events(tenant, after_id, limit=_PAGE)
+            for event in events:
+                after_id = event.id
+                if not types or event.type.value in types:
+                    yield _event_item(event, str(event.id))
+            if len(events) < _PAGE:
+                await subscription.wait(poll_seconds)
+                subscription.drain()
+                subscription.lagged = False
+    finally:
+        subscription.close()
