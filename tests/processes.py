@@ -21,6 +21,7 @@ def write_config(
     max_concurrency: int = 4,
     lease_seconds: float = 30,
     webhook_timeout_seconds: float = 15,
+    delta_flush_seconds: float = 0.25,
 ) -> Path:
     path.write_text(
         f"""
@@ -34,6 +35,7 @@ poll_seconds = 0.2
 drain_seconds = 1.0
 lease_seconds = {lease_seconds}
 heartbeat_seconds = {min(5.0, lease_seconds / 3)}
+delta_flush_seconds = {delta_flush_seconds}
 
 [webhooks]
 allowed_networks = ["127.0.0.0/8"]

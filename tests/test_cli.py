@@ -139,6 +139,47 @@ def test_api_and_worker_as_separate_processes(tmp_path: Path, env: dict[str, str
         worker.stop()
 
 
+def test_live_output_crosses_from_a_worker_process_to_the_api_process(
+    tmp_path: Path, env: dict[str, str], threaded_upstream: ScriptedUpstream
+) -> None:
+    # Output is written to the database only every 30 s here: a stream served by the api process
+    # that sees it chunk by chunk got it from the worker process over the live relay.
+    config = write_config(
+        tmp_path / "relay.toml", threaded_upstream.base_url, delta_flush_seconds=30
+    )
+    env = {**env, "HOOKLINE_CONFIG": str(config)}
+    text = "".join(f"r{i} " for i in range(30))
+    threaded_upstream.script(
+        "m", Reply(text=text, chunks=30, first_token_delay=1.5, token_delay=0.03)
+    )
+    assert hookline("migrate", env=env).returncode == 0
+    key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
+    api = GatewayProcess("api", env, tmp_path)
+    worker = GatewayProcess("worker", env, tmp_path)
+    try:
+        api.start()
+        worker.start()
+        time.sleep(1.2)  # the api process finds the worker's relay (it looks every second)
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=api.url, headers=headers, timeout=30) as client:
+            job = client.post("/v1/jobs", json=CHAT).json()
+            deltas = []
+            with client.stream(
+                "GET", f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"}
+            ) as stream:
+                for line in stream.iter_lines():
+                    if line.startswith("data:"):
+                        event = json.loads(line[5:])
+                        if event["type"] == "job.output.delta":
+                            deltas.append(event)
+        assert "".join(d["data"]["text"] for d in deltas) == text
+        live = [d for d in deltas if d["seq"] is None]
+        assert len(live) >= 15, f"only {len(live)} of {len(deltas)} deltas came live"
+    finally:
+        api.stop()
+        worker.stop()
+
+
 def test_a_crashed_gateway_loses_no_job(
     tmp_path: Path, env: dict[str, str], threaded_upstream: ScriptedUpstream
 ) -> None:

@@ -146,7 +146,7 @@ def worker(
     tune_garbage_collector()
 
     async def run() -> None:
-        gateway = Gateway(settings, run_worker=True)
+        gateway = Gateway(settings, run_worker=True, serve_api=False)
         await gateway.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

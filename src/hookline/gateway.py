@@ -13,9 +13,11 @@ from hookline.clock import Clock, SystemClock
 from hookline.config import Settings
 from hookline.notify import Notifier
 from hookline.queue import JobQueue
+from hookline.relay import RelayClient, RelayServer, relay_directory
 from hookline.sender import WebhookSender
 from hookline.ssrf import AddressPolicy
 from hookline.store import SQLStore, open_store
+from hookline.store.database import sqlite_path
 from hookline.upstreams import build_upstreams
 from hookline.worker import Worker
 
@@ -24,10 +26,16 @@ log = logging.getLogger("hookline")
 
 class Gateway:
     def __init__(
-        self, settings: Settings, *, run_worker: bool = True, clock: Clock | None = None
+        self,
+        settings: Settings,
+        *,
+        run_worker: bool = True,
+        serve_api: bool = True,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
         self.run_worker = run_worker
+        self.serve_api = serve_api
         self.clock = clock or SystemClock()
         self.notifier = Notifier()
         self._store: SQLStore | None = None
@@ -36,6 +44,7 @@ class Gateway:
         self.worker: Worker | None = None
         self.sender: WebhookSender | None = None
         self.address_policy = AddressPolicy(settings.webhooks)
+        self._relays: list[RelayServer | RelayClient] = []
 
     @property
     def store(self) -> SQLStore:
@@ -63,11 +72,29 @@ class Gateway:
                 self._store.webhooks, self.settings.webhooks, self.clock, self.notifier
             )
             await self.sender.start()
+        await self._start_relays()
         upstreams = ", ".join(f"{u.name} ({u.type})" for u in self.settings.upstreams) or "none"
         log.info("hookline started: database %s, upstreams: %s", self._store.dialect, upstreams)
 
+    async def _start_relays(self) -> None:
+        """On SQLite, live output crosses between the processes sharing the file (on PostgreSQL,
+        processes may be on several machines: see hookline.relay)."""
+        path = sqlite_path(self.settings.database_url)
+        if path is None:
+            return
+        directory = relay_directory(path)
+        if self.run_worker:
+            self._relays.append(RelayServer(self.queue.live, directory))
+        if self.serve_api:
+            self._relays.append(RelayClient(self.queue.live, directory))
+        for relay in self._relays:
+            await relay.start()
+
     async def stop(self) -> None:
         """Drain the worker, finish pending accepts, close the database. Safe to call twice."""
+        for relay in self._relays:
+            await relay.stop()
+        self._relays = []
         if self.worker is not None:
             await self.worker.stop()
             self.worker = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from hookline.events import Event, EventType
 
@@ -43,6 +43,15 @@ class LiveDelta:
 
 
 Message = Event | LiveDelta
+
+
+@dataclasses.dataclass(slots=True)
+class _Tail:
+    """Live text of one (attempt, index) not yet written: characters [start, end)."""
+
+    start: int
+    end: int
+    parts: list[str] = dataclasses.field(default_factory=list)
 
 
 class Subscription:
@@ -89,7 +98,10 @@ class LiveHub:
         self._watchers: dict[str, set[Subscription]] = {}
         # Per running job, the live text not yet durable, per (attempt, index): (offset, parts).
         # A late joiner gets it at once instead of waiting for the next durable write.
-        self._tails: dict[str, dict[tuple[int, int], tuple[int, list[str]]]] = {}
+        self._tails: dict[str, dict[tuple[int, int], _Tail]] = {}
+        # Called with every message published here (not with relayed ones): the relay to other
+        # processes (hookline.relay).
+        self.taps: list[Callable[[Message], None]] = []
 
     # --- watchers
 
@@ -97,9 +109,9 @@ class LiveHub:
         """Subscribe to one job; also returns the live text not yet durable, as deltas."""
         subscription = self._subscribe(f"job:{job_id}")
         backlog = [
-            LiveDelta(job_id, "", attempt, index, offset, "".join(parts))
-            for (attempt, index), (offset, parts) in self._tails.get(job_id, {}).items()
-            if parts
+            LiveDelta(job_id, "", attempt, index, tail.start, "".join(tail.parts))
+            for (attempt, index), tail in self._tails.get(job_id, {}).items()
+            if tail.parts
         ]
         return subscription, backlog
 
@@ -124,19 +136,24 @@ class LiveHub:
 
     # --- publishers
 
-    def publish_delta(self, delta: LiveDelta) -> None:
+    def publish_delta(self, delta: LiveDelta, *, relayed: bool = False) -> None:
         """Output text straight from the upstream (the worker calls this per chunk)."""
+        if relayed and not self.watching(delta.job_id):
+            return  # another process's job that nobody here watches: keep nothing
         tails = self._tails.setdefault(delta.job_id, {})
-        key = (delta.attempt, delta.index)
-        start, parts = tails.get(key, (delta.offset, []))
-        if not parts:
-            start = delta.offset
-        parts.append(delta.text)
-        tails[key] = (start, parts)
+        tail = tails.setdefault((delta.attempt, delta.index), _Tail(delta.offset, delta.offset))
+        if not tail.parts:
+            tail.start = tail.end = delta.offset
+        if delta.offset == tail.end:  # contiguous; anything else is a repeat
+            tail.parts.append(delta.text)
+            tail.end += len(delta.text)
         for subscription in self._watchers.get(f"job:{delta.job_id}", ()):
             subscription.put(delta)
+        if not relayed:
+            for tap in self.taps:
+                tap(delta)
 
-    def publish_events(self, events: Iterable[Event]) -> None:
+    def publish_events(self, events: Iterable[Event], *, relayed: bool = False) -> None:
         """Events just committed, in ``seq`` order per job."""
         for event in events:
             if event.type == EventType.OUTPUT_DELTA:
@@ -146,16 +163,21 @@ class LiveHub:
             for key in (f"job:{event.job_id}", f"tenant:{event.tenant}"):
                 for subscription in self._watchers.get(key, ()):
                     subscription.put(event)
+            if not relayed:
+                for tap in self.taps:
+                    tap(event)
 
     def _made_durable(self, event: Event) -> None:
-        tails = self._tails.get(event.job_id)
-        key = (event.data.get("attempt", 0), event.data.get("index", 0))
-        if tails is None or key not in tails:
+        tail = self._tails.get(event.job_id, {}).get(
+            (event.data.get("attempt", 0), event.data.get("index", 0))
+        )
+        if tail is None or not tail.parts:
             return
-        start, parts = tails[key]
-        end = event.data.get("offset", start) + len(event.data.get("text", ""))
-        text = "".join(parts)[max(0, end - start) :]
-        tails[key] = (max(start, end), [text] if text else [])
+        written_to = event.data.get("offset", tail.start) + len(event.data.get("text", ""))
+        rest = "".join(tail.parts)[max(0, written_to - tail.start) :]
+        tail.start = max(tail.start, written_to)
+        tail.parts = [rest] if rest else []
+        tail.end = tail.start + len(rest)
 
     def forget(self, job_id: str) -> None:
         """The job stopped running here (finished, released, lost): drop its live text."""

@@ -206,6 +206,17 @@ class PostgresDatabase(Database):
         await self.engine.dispose()
 
 
+def sqlite_path(url: str) -> str | None:
+    """The file of a ``sqlite:///`` URL (None for other databases and in-memory SQLite)."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return parsed.database
+
+
 def open_database(url: str) -> Database:
     """A :class:`Database` for a plain ``sqlite:///…`` or ``postgresql://…`` URL."""
     try:
