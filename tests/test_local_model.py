@@ -46,3 +46,28 @@ async def test_chat_with_the_bundled_model(database_url: str) -> None:
         job = (await live.client.post("/v1/jobs", json=unsupported)).json()
         failed = await wait_for_status(live.client, job["id"], {"failed"}, timeout=60)
         assert failed["error"]["type"] == "unsupported_operation" and failed["attempts"] == 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_bundled_model_streams_through_the_openai_facade(database_url: str) -> None:
+    import openai
+
+    settings = with_local_upstream(Settings(database_url=database_url))
+    async with serve(settings) as live:
+        async with openai.AsyncOpenAI(
+            base_url=f"{live.base_url}/v1", api_key=live.api_key, max_retries=0
+        ) as client:
+            stream = await client.chat.completions.with_raw_response.create(
+                model="local",
+                messages=[{"role": "user", "content": "Count to three."}],
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+            )
+            job_id = stream.headers["hookline-job-id"]
+            chunks = [chunk async for chunk in stream.parse()]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text.strip()
+        job = (await live.client.get(f"/v1/jobs/{job_id}")).json()
+        assert job["status"] == "succeeded"
+        assert job["output"]["choices"][0]["message"]["content"] == text
