@@ -89,9 +89,11 @@ async def test_completions_and_embeddings_and_models(live: LiveGateway) -> None:
 async def test_models_lists_named_models_not_patterns(database_url: str) -> None:
     settings = gateway_settings(database_url, "http://127.0.0.1:9/v1")
     upstream = settings.upstreams[0].model_copy(update={"models": ["gpt-x", "llama-*"]})
-    async with serve(settings.model_copy(update={"upstreams": [upstream]})) as live:
-        async with sdk(live) as client:
-            models = await client.models.list()
+    async with (
+        serve(settings.model_copy(update={"upstreams": [upstream]})) as live,
+        sdk(live) as client,
+    ):
+        models = await client.models.list()
     assert [m.id for m in models.data] == ["gpt-x"]
     assert models.data[0].owned_by == "scripted"
 

@@ -163,7 +163,7 @@ async def test_events_need_the_current_lease(store: SQLStore) -> None:
     await claim(store, token="lease_a")
     deltas = [NewEvent(EventType.OUTPUT_DELTA, {"text": t}) for t in ("a", "b")]
     appended = await store.append_events(job.id, "lease_a", deltas, NOW)
-    assert appended is not None and [e.seq for e in appended] == [3, 4]
+    assert appended is not None and [e.seq for e in appended.events] == [3, 4]
     assert await store.append_events(job.id, "lease_b", deltas, NOW) is None
     assert len(await store.list_events(job.id)) == 4
     assert [e.seq for e in await store.list_events(job.id, after_seq=2)] == [3, 4]

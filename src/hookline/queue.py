@@ -104,10 +104,13 @@ class JobQueue:
 
     # --- the caller's side
 
-    async def submit(self, tenant: str, request: SubmitRequest) -> tuple[Job, bool]:
+    async def submit(
+        self, tenant: str, request: SubmitRequest, *, job_id: str | None = None
+    ) -> tuple[Job, bool]:
         """Durably queue a job. Returns ``(job, created)``: ``created`` is False for a replayed
         idempotency key with the same request. Raises :class:`Conflict` if the key was used with a
-        different request.
+        different request. ``job_id`` (a fresh ``new_id("job")``) lets a caller watch the job's
+        live events before it exists.
         """
         fingerprint = request.fingerprint() if request.idempotency_key else None
         if request.idempotency_key:
@@ -116,7 +119,7 @@ class JobQueue:
                 return self._replayed(existing, fingerprint), False
         now = self.clock.now_ms()
         job = Job(
-            id=new_id("job"),
+            id=job_id or new_id("job"),
             tenant=tenant,
             status=JobStatus.QUEUED,
             operation=request.operation,
@@ -150,7 +153,8 @@ class JobQueue:
                 raise Conflict("idempotency key collided with a job that no longer exists")
             return self._replayed(existing, fingerprint), False
         self.notifier.publish(JOBS_AVAILABLE)
-        self.notifier.publish(DELIVERIES_AVAILABLE)
+        if outcome.deliveries:
+            self.notifier.publish(DELIVERIES_AVAILABLE)
         return job, True
 
     @staticmethod
@@ -238,9 +242,10 @@ class JobQueue:
         appended = await self.store.append_events(job.id, lease_token, deltas, self.clock.now_ms())
         if appended is None:
             return False
-        self.live.publish_events(appended)
+        self.live.publish_events(appended.events)
         self.notifier.publish(job_topic(job.id))
-        self.notifier.publish(DELIVERIES_AVAILABLE)
+        if appended.deliveries:
+            self.notifier.publish(DELIVERIES_AVAILABLE)
         return True
 
     async def succeed(self, job: Job, lease_token: str, output: dict[str, Any]) -> Job | None:
@@ -358,5 +363,6 @@ class JobQueue:
             return None
         self.live.publish_events(result.events)
         self.notifier.publish(job_topic(result.job.id))
-        self.notifier.publish(DELIVERIES_AVAILABLE)
+        if result.deliveries:  # the sender sleeps otherwise: most jobs have no webhook
+            self.notifier.publish(DELIVERIES_AVAILABLE)
         return result.job

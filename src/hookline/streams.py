@@ -17,9 +17,9 @@ import time
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
-from hookline.events import Event
+from hookline.events import Event, EventType
 from hookline.jobs import iso
-from hookline.live import LiveDelta, Message, StreamCursor
+from hookline.live import LiveDelta, Message, StreamCursor, Subscription
 from hookline.queue import JobQueue
 
 _PAGE = 1000
@@ -30,71 +30,82 @@ class StreamItem:
     """One message of a stream: ``id`` is the resume token (the SSE id)."""
 
     id: str
-    type: str
-    body: dict[str, Any]
-    terminal: bool = False
+    message: Event | LiveDelta
+
+    @property
+    def type(self) -> str:
+        return self.message.type.value if isinstance(self.message, Event) else DELTA
+
+    @property
+    def terminal(self) -> bool:
+        return isinstance(self.message, Event) and self.message.type.is_terminal
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The message as the API shows it (built only for the channels that send it whole)."""
+        message = self.message
+        if isinstance(message, Event):
+            return {
+                "job_id": message.job_id,
+                "seq": message.seq,
+                "type": message.type.value,
+                "data": message.data,
+                "created_at": iso(message.created_at),
+            }
+        return {
+            "job_id": message.job_id,
+            "seq": None,  # live: not in the log yet; the id still resumes exactly here
+            "type": DELTA,
+            "data": {
+                "attempt": message.attempt,
+                "index": message.index,
+                "offset": message.offset,
+                "text": message.text,
+            },
+            "created_at": iso(int(time.time() * 1000)),
+        }
+
+
+DELTA = EventType.OUTPUT_DELTA.value
 
 
 def _event_item(event: Event, token: str) -> StreamItem:
-    body = {
-        "job_id": event.job_id,
-        "seq": event.seq,
-        "type": event.type.value,
-        "data": event.data,
-        "created_at": iso(event.created_at),
-    }
-    return StreamItem(token, event.type.value, body, event.type.is_terminal)
-
-
-def _delta_item(delta: LiveDelta, token: str) -> StreamItem:
-    body = {
-        "job_id": delta.job_id,
-        "seq": None,  # live: not in the log yet; the id still resumes exactly here
-        "type": "job.output.delta",
-        "data": {
-            "attempt": delta.attempt,
-            "index": delta.index,
-            "offset": delta.offset,
-            "text": delta.text,
-        },
-        "created_at": iso(int(time.time() * 1000)),
-    }
-    return StreamItem(token, "job.output.delta", body)
+    return StreamItem(token, event)
 
 
 async def job_stream(
-    queue: JobQueue, tenant: str, job_id: str, cursor: StreamCursor, *, poll_seconds: float
+    queue: JobQueue,
+    tenant: str,
+    job_id: str,
+    cursor: StreamCursor,
+    *,
+    poll_seconds: float,
+    watching: tuple[Subscription, list[LiveDelta]] | None = None,
 ) -> AsyncIterator[StreamItem]:
     """The job's events after ``cursor``, live, until the terminal one. Raises NotFound (before
-    yielding anything) for a job the tenant does not have."""
-    job = await queue.get(tenant, job_id)
-    subscription, backlog = queue.live.watch_job(job_id)
+    yielding anything) for a job the tenant does not have. ``watching``: a subscription taken
+    before the job was submitted (the facade's), so nothing can have been missed and the first
+    token need not wait for a read of the store."""
+    if watching is None:
+        job = await queue.get(tenant, job_id)
+        subscription, backlog = queue.live.watch_job(job_id)
+    else:
+        subscription, backlog = watching
     try:
-        # Replay what the store has, then the live text not yet written, then follow.
-        for item in await _catch_up(queue, job_id, cursor):
-            yield item
-            if item.terminal:
+        if watching is None:
+            # Replay what the store has, then the live text not yet written, then follow.
+            for item in await _catch_up(queue, job_id, cursor):
+                yield item
+                if item.terminal:
+                    return
+            if job.status.is_terminal:  # resumed after its end: nothing more will come
                 return
-        if job.status.is_terminal:  # resumed after its end: nothing more will come
-            return
         pending: list[Message] = list(backlog)
         while True:
-            for message in pending:
-                if isinstance(message, LiveDelta):
-                    delta = cursor.take_delta(message)
-                    if delta is not None:
-                        yield _delta_item(delta, cursor.token())
-                    continue
-                items = []
-                if message.seq > cursor.seq + 1:  # a gap: written by another process
-                    items = await _catch_up(queue, job_id, cursor)
-                taken = cursor.take_event(message)
-                if taken is not None:
-                    items.append(_event_item(taken, cursor.token()))
-                for item in items:
-                    yield item
-                    if item.terminal:
-                        return
+            for item in await _relay(queue, job_id, cursor, pending):
+                yield item
+                if item.terminal:
+                    return
             if not await subscription.wait(poll_seconds) or subscription.lagged:
                 subscription.lagged = False
                 subscription.drain()
@@ -105,6 +116,35 @@ async def job_stream(
             pending = subscription.drain()
     finally:
         subscription.close()
+
+
+async def _relay(
+    queue: JobQueue, job_id: str, cursor: StreamCursor, messages: list[Message]
+) -> list[StreamItem]:
+    """What to send for a batch of hub messages. Live text that arrived together goes out as one
+    delta: under load, a stream sends fewer, larger messages instead of falling behind."""
+    items: list[StreamItem] = []
+    for message in messages:
+        if isinstance(message, LiveDelta):
+            delta = cursor.take_delta(message)
+            if delta is None:
+                continue
+            last = items[-1].message if items else None
+            if (
+                isinstance(last, LiveDelta)
+                and (last.attempt, last.index) == (delta.attempt, delta.index)
+                and last.offset + len(last.text) == delta.offset
+            ):
+                delta = dataclasses.replace(last, text=last.text + delta.text)
+                items.pop()
+            items.append(StreamItem(cursor.token(), delta))
+            continue
+        if message.seq > cursor.seq + 1:  # a gap: written by another process
+            items += await _catch_up(queue, job_id, cursor)
+        taken = cursor.take_event(message)
+        if taken is not None:
+            items.append(_event_item(taken, cursor.token()))
+    return items
 
 
 async def _catch_up(queue: JobQueue, job_id: str, cursor: StreamCursor) -> list[StreamItem]:

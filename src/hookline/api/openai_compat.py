@@ -23,9 +23,11 @@ from starlette.responses import Response
 from hookline.api.problems import json_response, problem
 from hookline.api.schemas import JobCreate
 from hookline.errors import InvalidRequest
+from hookline.events import EventType
 from hookline.gateway import Gateway
+from hookline.ids import new_id
 from hookline.jobs import Job, JobStatus, Operation, job_json
-from hookline.live import StreamCursor
+from hookline.live import LiveDelta, StreamCursor, Subscription
 from hookline.queue import SubmitRequest
 from hookline.streams import job_stream
 
@@ -102,14 +104,26 @@ async def _call(request: Request, operation: Operation) -> Response:
         metadata={"via": "openai"},
         idempotency_key=idempotency_key,
     )
-    job, _ = await gateway.queue.submit(tenant, submission)
+    respond_async = "respond-async" in (headers.get("prefer") or "").lower()
+    job_id = new_id("job")
+    # Watch before the job exists: the first token then goes out the moment it arrives.
+    watching = gateway.queue.live.watch_job(job_id) if stream and not respond_async else None
+    try:
+        job, created = await gateway.queue.submit(tenant, submission, job_id=job_id)
+    except BaseException:
+        if watching is not None:
+            watching[0].close()
+        raise
+    if watching is not None and not created:  # an idempotent replay: another job, from its start
+        watching[0].close()
+        watching = None
     job_headers = {"Hookline-Job-Id": job.id, "Location": f"/v1/jobs/{job.id}"}
-    if "respond-async" in (headers.get("prefer") or "").lower():
+    if respond_async:
         return json_response(
             job_json(job), 202, {**job_headers, "Preference-Applied": "respond-async"}
         )
     if stream:
-        relay = _chunks(gateway, tenant, job, operation, include_usage)
+        relay = _chunks(gateway, tenant, job, operation, include_usage, watching)
         response = _openai_sse(gateway, relay)
         response.headers.update(job_headers)
         return response
@@ -168,7 +182,12 @@ def _openai_sse(gateway: Gateway, chunks: AsyncIterator[str]) -> EventSourceResp
 
 
 async def _chunks(
-    gateway: Gateway, tenant: str, job: Job, operation: Operation, include_usage: bool
+    gateway: Gateway,
+    tenant: str,
+    job: Job,
+    operation: Operation,
+    include_usage: bool,
+    watching: tuple[Subscription, list[LiveDelta]] | None,
 ) -> AsyncIterator[str]:
     """The job's events as OpenAI stream chunks (JSON text of each ``data:`` line)."""
     chat = operation is Operation.CHAT_COMPLETIONS
@@ -184,13 +203,19 @@ async def _chunks(
         gateway.queue,
         tenant,
         job.id,
-        StreamCursor(),
+        StreamCursor(seq=job.event_seq) if watching else StreamCursor(),
         poll_seconds=gateway.settings.streams.poll_seconds,
+        watching=watching,
     )
     async for item in stream:
-        if item.type == "job.output.delta":
-            data = item.body["data"]
-            if attempt is not None and data["attempt"] != attempt:
+        message = item.message
+        if isinstance(message, LiveDelta) or message.type is EventType.OUTPUT_DELTA:
+            if isinstance(message, LiveDelta):
+                delta_attempt, index, text = message.attempt, message.index, message.text
+            else:
+                data = message.data
+                delta_attempt, index, text = data["attempt"], data["index"], data["text"]
+            if attempt is not None and delta_attempt != attempt:
                 # The upstream broke off and the job started over: the text sent so far is not a
                 # prefix of the new answer, which OpenAI's stream format cannot express.
                 yield _error_chunk(
@@ -199,10 +224,8 @@ async def _chunks(
                     f"is at /v1/jobs/{job.id}",
                 )
                 return
-            attempt = data["attempt"]
-            yield orjson.dumps(
-                _delta_chunk(base, chat, data["index"], data["text"], started)
-            ).decode()
+            attempt = delta_attempt
+            yield orjson.dumps(_delta_chunk(base, chat, index, text, started)).decode()
         elif item.type == "job.succeeded":
             final = (await gateway.queue.get(tenant, job.id)).output or {}
             for choice in final.get("choices") or []:
@@ -227,8 +250,8 @@ async def _chunks(
             return
         elif item.terminal:
             finished = await gateway.queue.get(tenant, job.id)
-            _, kind, message = _failure(finished)
-            yield _error_chunk(kind, message)
+            _, kind, reason = _failure(finished)
+            yield _error_chunk(kind, reason)
             return
 
 

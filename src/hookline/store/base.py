@@ -22,12 +22,20 @@ class AcceptOutcome:
 
     job: Job
     duplicate: bool = False
+    deliveries: int = 0  # webhook messages its transaction wrote (for the whole batch)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Transitioned:
     job: Job
     events: list[Event]
+    deliveries: int = 0  # webhook messages written with the events
+
+
+@dataclasses.dataclass(frozen=True)
+class Appended:
+    events: list[Event]
+    deliveries: int = 0  # webhook messages written with the events
 
 
 class Store(abc.ABC):
@@ -132,7 +140,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def append_events(
         self, job_id: str, lease_token: str, events: Sequence[NewEvent], now: int
-    ) -> list[Event] | None:
+    ) -> Appended | None:
         """Append events to a running job held under ``lease_token``; ``None`` if it is not."""
 
     @abc.abstractmethod

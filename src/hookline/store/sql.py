@@ -16,7 +16,7 @@ from sqlalchemy import exc as sa_exc
 from hookline.errors import StoreError
 from hookline.events import Event, EventType, NewEvent
 from hookline.jobs import Job, JobStatus, sources_for
-from hookline.store.base import AcceptOutcome, Store, Transitioned
+from hookline.store.base import AcceptOutcome, Appended, Store, Transitioned
 from hookline.store.database import Database, open_database
 from hookline.store.outbox import endpoints_by_tenant, enqueue_deliveries
 from hookline.store.schema import api_keys, events, jobs
@@ -120,17 +120,17 @@ def _append(
     *,
     job: Job | None,
     webhook: dict[str, Any] | None,
-) -> list[Event]:
+) -> Appended:
     """Insert ``new`` as the events ending at ``last_seq`` (the job row was bumped already), and
     the webhook messages that report them."""
     if not new:
-        return []
+        return Appended([])
     first = last_seq - len(new) + 1
     rows = [_event_row(job_id, tenant, first + i, event, now) for i, event in enumerate(new)]
     result = conn.execute(_insert_events, rows).mappings()
     appended = sorted((Event.from_row(r) for r in result), key=lambda e: e.seq)
-    enqueue_deliveries(conn, [(event, job, webhook) for event in appended], now)
-    return appended
+    deliveries = enqueue_deliveries(conn, [(event, job, webhook) for event in appended], now)
+    return Appended(appended, deliveries)
 
 
 class SQLStore(Store):
@@ -186,8 +186,8 @@ class SQLStore(Store):
                 for (job, _), row in zip(items, rows, strict=True)
                 if job.webhook or job.tenant in subscribed
             ]
-            enqueue_deliveries(conn, reported, items[0][0].created_at, subscribed)
-            return [AcceptOutcome(job) for job, _ in items]
+            written = enqueue_deliveries(conn, reported, items[0][0].created_at, subscribed)
+            return [AcceptOutcome(job, deliveries=written) for job, _ in items]
 
         try:
             return await self.database.write(insert)
@@ -280,22 +280,15 @@ class SQLStore(Store):
         def claim(conn: Connection) -> list[Transitioned]:
             claimed = [Job.from_row(row) for row in conn.execute(statement).mappings()]
             claimed.sort(key=lambda job: (-job.priority, job.id))
-            return [
-                Transitioned(
-                    job,
-                    _append(
-                        conn,
-                        job.id,
-                        job.tenant,
-                        job.event_seq,
-                        [NewEvent(EventType.STARTED, {"attempt": job.attempts})],
-                        now,
-                        job=job,
-                        webhook=job.webhook,
-                    ),
-                )
-                for job in claimed
-            ]
+            results = []
+            for job in claimed:
+                started = NewEvent(EventType.STARTED, {"attempt": job.attempts})
+                appended = _append(
+                    conn, job.id, job.tenant, job.event_seq, [started], now,
+                    job=job, webhook=job.webhook,
+                )  # fmt: skip
+                results.append(Transitioned(job, appended.events, appended.deliveries))
+            return results
 
         return await self.database.write(claim)
 
@@ -340,18 +333,18 @@ class SQLStore(Store):
             appended = _append(
                 conn, job.id, job.tenant, job.event_seq, events, now, job=job, webhook=job.webhook
             )
-            return Transitioned(job, appended)
+            return Transitioned(job, appended.events, appended.deliveries)
 
         return await self.database.write(apply)
 
     async def append_events(
         self, job_id: str, lease_token: str, events: Sequence[NewEvent], now: int
-    ) -> list[Event] | None:
+    ) -> Appended | None:
         if not events:
-            return []
+            return Appended([])
         statement = _bump_seq_if_held(job_id, lease_token, len(events), now)
 
-        def append(conn: Connection) -> list[Event] | None:
+        def append(conn: Connection) -> Appended | None:
             row = conn.execute(statement).first()
             if row is None:
                 return None

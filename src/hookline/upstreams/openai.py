@@ -8,6 +8,7 @@ the non-streaming response shape.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -106,11 +107,16 @@ async def _read_error_body(response: aiohttp.ClientResponse) -> Any:
         return raw.decode(errors="replace")
 
 
+_YIELD_SECONDS = 0.002
+
+
 async def _read_stream(
     response: aiohttp.ClientResponse, operation: Operation, on_delta: DeltaSink
 ) -> dict[str, Any]:
     assembler = StreamAssembler(operation, on_delta)
     done = False
+    loop = asyncio.get_running_loop()
+    yielded_at = 0.0
     async for raw_line in response.content:
         line = raw_line.strip()
         if not line.startswith(b"data:"):
@@ -123,6 +129,12 @@ async def _read_stream(
         if isinstance(chunk, dict) and chunk.get("error"):
             raise UpstreamError.from_status(500, chunk)
         assembler.feed(chunk)
+        # Chunks that arrived together are read without suspending. Yield now and then (and
+        # right after the first), so the streams watching this job send the first token at
+        # once and a long burst is relayed as it is read, not after it.
+        if loop.time() - yielded_at > _YIELD_SECONDS:
+            await asyncio.sleep(0)
+            yielded_at = loop.time()
     if not done and not assembler.finished:
         raise UpstreamError(
             "upstream_disconnected", "the upstream stream ended before it finished", retryable=True

@@ -1,0 +1,60 @@
+"""A fast OpenAI-compatible streaming upstream for benchmarks, as its own process: every chat
+completion streams ``TOKENS`` chunks at once (no time to first token, no delay between tokens).
+
+python -m bench.upstream PORT [TOKENS]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import orjson
+from aiohttp import web
+
+TOKENS = int(sys.argv[2]) if len(sys.argv) > 2 else 200
+
+
+def _chunk(content: str | None, finish: str | None = None) -> bytes:
+    delta = {"content": content} if content is not None else {}
+    body = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "bench",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+# The whole answer is prepared once: the upstream costs as little as it can.
+CHUNKS = [_chunk(f"t{i} ") for i in range(TOKENS)]
+FINISH = [_chunk(None, "stop"),
+          b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
+          b'"model":"bench","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":'
+          + str(TOKENS).encode() + b',"total_tokens":' + str(TOKENS + 5).encode() + b"}}\n\n",
+          b"data: [DONE]\n\n"]  # fmt: skip
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    body = orjson.loads(await request.read())
+    delay = 0.05 if body.get("model") == "slow" else 0.0  # "slow": a job that runs ~10 s
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for chunk in CHUNKS:
+        await response.write(chunk)  # one write per token, as a real server sends them
+        if delay:
+            await asyncio.sleep(delay)
+    for chunk in FINISH:
+        await response.write(chunk)
+    return response
+
+
+def main() -> None:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _chat)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
