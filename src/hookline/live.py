@@ -26,10 +26,12 @@ import dataclasses
 from collections.abc import Callable, Iterable
 
 from hookline.events import Event, EventType
+from hookline.jobs import Job
 
 # A watcher that falls this far behind is cut off from live messages and catches up from the
 # store (which holds every durable event): memory stays bounded whatever the client's speed.
 MAX_BACKLOG = 10_000
+_FINISHED_KEPT = 10_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,6 +104,8 @@ class LiveHub:
         # Called with every message published here (not with relayed ones): the relay to other
         # processes (hookline.relay).
         self.taps: list[Callable[[Message], None]] = []
+        # Jobs that just finished here, so a stream ending with them needs no read of the store.
+        self._finished: collections.OrderedDict[str, Job] = collections.OrderedDict()
 
     # --- watchers
 
@@ -153,13 +157,19 @@ class LiveHub:
             for tap in self.taps:
                 tap(delta)
 
-    def publish_events(self, events: Iterable[Event], *, relayed: bool = False) -> None:
-        """Events just committed, in ``seq`` order per job."""
+    def publish_events(
+        self, events: Iterable[Event], *, job: Job | None = None, relayed: bool = False
+    ) -> None:
+        """Events just committed, in ``seq`` order per job; ``job``: the job as they left it."""
         for event in events:
             if event.type == EventType.OUTPUT_DELTA:
                 self._made_durable(event)
             elif event.type.is_terminal:
                 self._tails.pop(event.job_id, None)
+                if job is not None and job.id == event.job_id:
+                    self._finished[job.id] = job
+                    while len(self._finished) > _FINISHED_KEPT:
+                        self._finished.popitem(last=False)
             for key in (f"job:{event.job_id}", f"tenant:{event.tenant}"):
                 for subscription in self._watchers.get(key, ()):
                     subscription.put(event)
@@ -178,6 +188,10 @@ class LiveHub:
         tail.start = max(tail.start, written_to)
         tail.parts = [rest] if rest else []
         tail.end = tail.start + len(rest)
+
+    def finished(self, job_id: str) -> Job | None:
+        """The job as it finished in this process (recently), if it did."""
+        return self._finished.get(job_id)
 
     def forget(self, job_id: str) -> None:
         """The job stopped running here (finished, released, lost): drop its live text."""

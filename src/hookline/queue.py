@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import hashlib
 import random
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import orjson
@@ -248,14 +248,22 @@ class JobQueue:
             self.notifier.publish(DELIVERIES_AVAILABLE)
         return True
 
-    async def succeed(self, job: Job, lease_token: str, output: dict[str, Any]) -> Job | None:
+    async def succeed(
+        self,
+        job: Job,
+        lease_token: str,
+        output: dict[str, Any],
+        last_deltas: Sequence[NewEvent] = (),
+    ) -> Job | None:
+        """Finish the job with ``output``; ``last_deltas`` (output not written yet) go into the
+        same transaction, ahead of ``job.succeeded``."""
         now = self.clock.now_ms()
         result = await self.store.transition(
             job.id,
             JobStatus.SUCCEEDED,
             now=now,
             changes={"output": output, "error": None, "finished_at": now, "lease_token": None},
-            events=[NewEvent(EventType.SUCCEEDED, {"attempt": job.attempts})],
+            events=[*last_deltas, NewEvent(EventType.SUCCEEDED, {"attempt": job.attempts})],
             lease_token=lease_token,
         )
         return self._published(result)
@@ -361,7 +369,7 @@ class JobQueue:
     def _published(self, result: Transitioned | None) -> Job | None:
         if result is None:
             return None
-        self.live.publish_events(result.events)
+        self.live.publish_events(result.events, job=result.job)
         self.notifier.publish(job_topic(result.job.id))
         if result.deliveries:  # the sender sleeps otherwise: most jobs have no webhook
             self.notifier.publish(DELIVERIES_AVAILABLE)

@@ -231,8 +231,8 @@ class Worker:
             failure = UpstreamFailure("internal_error", f"{type(exc).__name__}: {exc}", None, True)
             await _quietly(self.queue.fail(job, token, failure))
             return
-        await _quietly(self._flush(running))
-        await _quietly(self.queue.succeed(job, token, output))
+        # The last output and the success: one transaction, not two.
+        await _quietly(self.queue.succeed(job, token, output, running.take_deltas()))
 
 
 async def _quietly(awaitable: Any) -> None:

@@ -227,7 +227,10 @@ async def _chunks(
             attempt = delta_attempt
             yield orjson.dumps(_delta_chunk(base, chat, index, text, started)).decode()
         elif item.type == "job.succeeded":
-            final = (await gateway.queue.get(tenant, job.id)).output or {}
+            finished = gateway.queue.live.finished(job.id) or await gateway.queue.get(
+                tenant, job.id
+            )
+            final = finished.output or {}
             for choice in final.get("choices") or []:
                 index = choice.get("index", 0)
                 finish = {"finish_reason": choice.get("finish_reason"), "logprobs": None}
