@@ -237,16 +237,23 @@ class JobQueue:
         now = self.clock.now_ms()
         return await self.store.renew_leases(job_ids, lease_token, now + self._lease_ms, now)
 
-    async def add_output_deltas(self, job: Job, lease_token: str, deltas: list[NewEvent]) -> bool:
-        """Append coalesced output deltas; False when the job is no longer ours (cancelled, lost)."""
-        appended = await self.store.append_events(job.id, lease_token, deltas, self.clock.now_ms())
-        if appended is None:
-            return False
-        self.live.publish_events(appended.events)
-        self.notifier.publish(job_topic(job.id))
-        if appended.deliveries:
+    async def add_output_deltas(
+        self, items: Sequence[tuple[Job, str, list[NewEvent]]]
+    ) -> list[bool]:
+        """Append coalesced output deltas of several jobs in one transaction; for each, False
+        when the job is no longer ours (cancelled, lost)."""
+        results = await self.store.append_events_many(
+            [(job.id, token, deltas) for job, token, deltas in items], self.clock.now_ms()
+        )
+        deliveries = 0
+        for (job, _, _), appended in zip(items, results, strict=True):
+            if appended is not None:
+                self.live.publish_events(appended.events)
+                self.notifier.publish(job_topic(job.id))
+                deliveries += appended.deliveries
+        if deliveries:
             self.notifier.publish(DELIVERIES_AVAILABLE)
-        return True
+        return [appended is not None for appended in results]
 
     async def succeed(
         self,

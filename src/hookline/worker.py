@@ -149,11 +149,10 @@ class Worker:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.delta_flush_seconds)
-            for running in list(self.running.values()):
-                try:
-                    await self._flush(running)
-                except StoreError as exc:
-                    log.warning("writing output deltas of %s failed: %s", running.job.id, exc)
+            try:
+                await self._flush(*self.running.values())
+            except StoreError as exc:
+                log.warning("writing output deltas failed: %s", exc)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -187,12 +186,14 @@ class Worker:
         if running is not None and running.task is not None and not running.releasing:
             running.task.cancel()
 
-    async def _flush(self, running: RunningJob) -> None:
-        deltas = running.take_deltas()
-        if deltas and not await self.queue.add_output_deltas(
-            running.job, running.lease_token, deltas
-        ):
-            self._abort(running.job.id)
+    async def _flush(self, *runs: RunningJob) -> None:
+        """Write the buffered output of these jobs, all in one transaction."""
+        items = [(r.job, r.lease_token, deltas) for r in runs if (deltas := r.take_deltas())]
+        if not items:
+            return
+        for (job, _, _), held in zip(items, await self.queue.add_output_deltas(items), strict=True):
+            if not held:
+                self._abort(job.id)
 
     async def _execute(self, running: RunningJob) -> None:
         job, token = running.job, running.lease_token

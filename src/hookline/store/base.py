@@ -144,6 +144,13 @@ class Store(abc.ABC):
         """Append events to a running job held under ``lease_token``; ``None`` if it is not."""
 
     @abc.abstractmethod
+    async def append_events_many(
+        self, items: Sequence[tuple[str, str, Sequence[NewEvent]]], now: int
+    ) -> list[Appended | None]:
+        """:meth:`append_events` for several jobs ``(job_id, lease_token, events)``, in one
+        transaction."""
+
+    @abc.abstractmethod
     async def ids_past_ttl(self, now: int, limit: int) -> list[str]:
         """Queued jobs whose ``expires_at`` has passed."""
 

@@ -340,16 +340,26 @@ class SQLStore(Store):
     async def append_events(
         self, job_id: str, lease_token: str, events: Sequence[NewEvent], now: int
     ) -> Appended | None:
-        if not events:
-            return Appended([])
-        statement = _bump_seq_if_held(job_id, lease_token, len(events), now)
+        return (await self.append_events_many([(job_id, lease_token, events)], now))[0]
 
-        def append(conn: Connection) -> Appended | None:
-            row = conn.execute(statement).first()
-            if row is None:
-                return None
-            last_seq, tenant, webhook = row
-            return _append(conn, job_id, tenant, last_seq, events, now, job=None, webhook=webhook)
+    async def append_events_many(
+        self, items: Sequence[tuple[str, str, Sequence[NewEvent]]], now: int
+    ) -> list[Appended | None]:
+        def append(conn: Connection) -> list[Appended | None]:
+            results: list[Appended | None] = []
+            for job_id, lease_token, new in items:
+                if not new:
+                    results.append(Appended([]))
+                    continue
+                row = conn.execute(_bump_seq_if_held(job_id, lease_token, len(new), now)).first()
+                if row is None:
+                    results.append(None)
+                    continue
+                last_seq, tenant, webhook = row
+                results.append(
+                    _append(conn, job_id, tenant, last_seq, new, now, job=None, webhook=webhook)
+                )
+            return results
 
         return await self.database.write(append)
 
