@@ -30,16 +30,20 @@ def order_key(endpoint_id: str | None, url: str, job_id: str | None) -> str:
     return f"{destination}|{job_id or ''}"
 
 
+_ENDPOINTS_OF_TENANTS = sa.select(
+    webhook_endpoints.c.id,
+    webhook_endpoints.c.tenant,
+    webhook_endpoints.c.url,
+    webhook_endpoints.c.events,
+).where(webhook_endpoints.c.tenant.in_(sa.bindparam("tenants", expanding=True)))
+
+
 def endpoints_by_tenant(conn: Connection, tenants: set[str]) -> dict[str, list[Any]]:
     """The registered endpoints of these tenants; a tenant without any is absent."""
+    if not tenants:
+        return {}
     endpoints: defaultdict[str, list[Any]] = defaultdict(list)
-    query = sa.select(
-        webhook_endpoints.c.id,
-        webhook_endpoints.c.tenant,
-        webhook_endpoints.c.url,
-        webhook_endpoints.c.events,
-    ).where(webhook_endpoints.c.tenant.in_(tenants))
-    for endpoint in conn.execute(query):
+    for endpoint in conn.execute(_ENDPOINTS_OF_TENANTS, {"tenants": list(tenants)}):
         endpoints[endpoint.tenant].append(endpoint)
     return dict(endpoints)
 

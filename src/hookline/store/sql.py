@@ -83,17 +83,20 @@ def _conditional_update(
     )
 
 
-def _bump_seq_if_held(job_id: str, lease_token: str, n_events: int, now: int) -> Any:
-    return (
-        sa.update(jobs)
-        .where(
-            jobs.c.id == job_id,
-            jobs.c.status == JobStatus.RUNNING.value,
-            jobs.c.lease_token == lease_token,
-        )
-        .values(event_seq=jobs.c.event_seq + n_events, updated_at=now)
-        .returning(jobs.c.event_seq, jobs.c.tenant, jobs.c.webhook)
+# Bind b_job_id, b_lease_token, b_n (events) and b_now. Built once: building it cost more than running it.
+_BUMP_SEQ_IF_HELD = (
+    sa.update(jobs)
+    .where(
+        jobs.c.id == sa.bindparam("b_job_id"),
+        jobs.c.status == JobStatus.RUNNING.value,
+        jobs.c.lease_token == sa.bindparam("b_lease_token"),
     )
+    .values(
+        event_seq=jobs.c.event_seq + sa.bindparam("b_n", type_=sa.Integer),
+        updated_at=sa.bindparam("b_now", type_=sa.BigInteger),
+    )
+    .returning(jobs.c.event_seq, jobs.c.tenant, jobs.c.webhook)
+)
 
 
 _insert_events = sa.insert(events).returning(*events.c)
@@ -120,6 +123,7 @@ def _append(
     *,
     job: Job | None,
     webhook: dict[str, Any] | None,
+    endpoints: dict[str, list[Any]] | None = None,
 ) -> Appended:
     """Insert ``new`` as the events ending at ``last_seq`` (the job row was bumped already), and
     the webhook messages that report them."""
@@ -129,7 +133,8 @@ def _append(
     rows = [_event_row(job_id, tenant, first + i, event, now) for i, event in enumerate(new)]
     result = conn.execute(_insert_events, rows).mappings()
     appended = sorted((Event.from_row(r) for r in result), key=lambda e: e.seq)
-    deliveries = enqueue_deliveries(conn, [(event, job, webhook) for event in appended], now)
+    reported = [(event, job, webhook) for event in appended]
+    deliveries = enqueue_deliveries(conn, reported, now, endpoints)
     return Appended(appended, deliveries)
 
 
@@ -281,11 +286,12 @@ class SQLStore(Store):
             claimed = [Job.from_row(row) for row in conn.execute(statement).mappings()]
             claimed.sort(key=lambda job: (-job.priority, job.id))
             results = []
+            endpoints = endpoints_by_tenant(conn, {job.tenant for job in claimed})
             for job in claimed:
                 started = NewEvent(EventType.STARTED, {"attempt": job.attempts})
                 appended = _append(
                     conn, job.id, job.tenant, job.event_seq, [started], now,
-                    job=job, webhook=job.webhook,
+                    job=job, webhook=job.webhook, endpoints=endpoints,
                 )  # fmt: skip
                 results.append(Transitioned(job, appended.events, appended.deliveries))
             return results
@@ -347,18 +353,27 @@ class SQLStore(Store):
     ) -> list[Appended | None]:
         def append(conn: Connection) -> list[Appended | None]:
             results: list[Appended | None] = []
+            held = []
             for job_id, lease_token, new in items:
-                if not new:
-                    results.append(Appended([]))
-                    continue
-                row = conn.execute(_bump_seq_if_held(job_id, lease_token, len(new), now)).first()
+                params = {
+                    "b_job_id": job_id,
+                    "b_lease_token": lease_token,
+                    "b_n": len(new),
+                    "b_now": now,
+                }
+                row = conn.execute(_BUMP_SEQ_IF_HELD, params).first() if new else None
+                held.append(row)
+            # One look at the tenants' endpoints for the whole batch, not one per job.
+            endpoints = endpoints_by_tenant(conn, {row.tenant for row in held if row is not None})
+            for (job_id, _, new), row in zip(items, held, strict=True):
                 if row is None:
-                    results.append(None)
+                    results.append(Appended([]) if not new else None)
                     continue
                 last_seq, tenant, webhook = row
                 results.append(
-                    _append(conn, job_id, tenant, last_seq, new, now, job=None, webhook=webhook)
-                )
+                    _append(conn, job_id, tenant, last_seq, new, now,
+                            job=None, webhook=webhook, endpoints=endpoints)
+                )  # fmt: skip
             return results
 
         return await self.database.write(append)
