@@ -104,6 +104,9 @@ class LiveHub:
         # Called with every message published here (not with relayed ones): the relay to other
         # processes (hookline.relay).
         self.taps: list[Callable[[Message], None]] = []
+        # Jobs this process's worker is running: their events all pass through here, so their
+        # streams need not re-read the store to find what other processes wrote.
+        self.running: set[str] = set()
         # Jobs that just finished here, so a stream ending with them needs no read of the store.
         self._finished: collections.OrderedDict[str, Job] = collections.OrderedDict()
 
@@ -228,10 +231,12 @@ class StreamCursor:
         return cursor
 
     def token(self) -> str:
-        counts = [n for (attempt, _), n in sorted(self.sent.items()) if attempt == self.attempt]
-        if not any(counts):
-            return str(self.seq)
+        first = self.sent.get((self.attempt, 0))
+        if first is not None and len(self.sent) == 1:  # the common case: one choice, one attempt
+            return f"{self.seq}.{self.attempt}.{first}" if first else str(self.seq)
         by_index = {i: n for (a, i), n in self.sent.items() if a == self.attempt}
+        if not any(by_index.values()):
+            return str(self.seq)
         width = max(by_index) + 1
         return ".".join(
             map(str, [self.seq, self.attempt, *(by_index.get(i, 0) for i in range(width))])
@@ -271,5 +276,9 @@ class StreamCursor:
             return None
         self.attempt = delta.attempt
         self.sent[key] = end
+        if have == delta.offset:
+            return delta
         skip = have - delta.offset
-        return dataclasses.replace(delta, offset=have, text=delta.text[skip:]) if skip else delta
+        return LiveDelta(
+            delta.job_id, delta.tenant, delta.attempt, delta.index, have, delta.text[skip:]
+        )

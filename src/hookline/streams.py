@@ -106,7 +106,13 @@ async def job_stream(
                 yield item
                 if item.terminal:
                     return
-            if not await subscription.wait(poll_seconds) or subscription.lagged:
+            # A job running here reports everything through the hub; others are re-read now and
+            # then (a cancel through another process, a worker elsewhere).
+            local = job_id in queue.live.running
+            if (
+                not await subscription.wait(poll_seconds * (20 if local else 1))
+                or subscription.lagged
+            ):
                 subscription.lagged = False
                 subscription.drain()
                 for item in await _catch_up(queue, job_id, cursor):

@@ -142,6 +142,7 @@ class Worker:
         for job in jobs:
             running = RunningJob(job, token, self.queue.live)
             self.running[job.id] = running
+            self.queue.live.running.add(job.id)
             self._active[name] += 1
             running.task = asyncio.create_task(self._execute(running), name=f"job-{job.id}")
         return len(jobs) == want
@@ -203,6 +204,7 @@ class Worker:
             if running.releasing:
                 await _quietly(self.queue.release(job, token, "worker stopped; job requeued"))
         finally:
+            self.queue.live.running.discard(job.id)
             self.queue.live.forget(job.id)
             self.running.pop(job.id, None)
             self._active[job.upstream] -= 1
