@@ -246,25 +246,19 @@ class SQLStore(Store):
         )
 
     async def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]:
-        query = (
-            sa.select(events)
-            .where(events.c.job_id == job_id, events.c.seq > after_seq)
-            .order_by(events.c.seq)
-            .limit(limit)
-        )
-        return await self.database.read(
-            lambda conn: [Event.from_row(row) for row in conn.execute(query).mappings()]
-        )
+        where = (events.c.job_id == job_id, events.c.seq > after_seq)
+        return await self._read_events(where, events.c.seq, limit)
 
     async def list_tenant_events(
         self, tenant: str, after_id: int = 0, limit: int = 1000
     ) -> list[Event]:
-        query = (
-            sa.select(events)
-            .where(events.c.tenant == tenant, events.c.id > after_id)
-            .order_by(events.c.id)
-            .limit(limit)
-        )
+        where = (events.c.tenant == tenant, events.c.id > after_id)
+        return await self._read_events(where, events.c.id, limit)
+
+    async def _read_events(
+        self, where: tuple[sa.ColumnElement[bool], ...], order: sa.Column[Any], limit: int
+    ) -> list[Event]:
+        query = sa.select(events).where(*where).order_by(order).limit(limit)
         return await self.database.read(
             lambda conn: [Event.from_row(row) for row in conn.execute(query).mappings()]
         )
