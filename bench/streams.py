@@ -185,7 +185,9 @@ def main() -> None:
             upstream.wait(10)
 
 
-def report(args: argparse.Namespace, pid: int, upstream_port: int, hookline_port: int, key: str) -> None:
+def report(
+    args: argparse.Namespace, pid: int, upstream_port: int, hookline_port: int, key: str
+) -> None:
     direct = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
     base = f"http://127.0.0.1:{hookline_port}"
     via = f"{base}/v1/chat/completions"
@@ -195,9 +197,13 @@ def report(args: argparse.Namespace, pid: int, upstream_port: int, hookline_port
     cpu_per_chunk: list[float] = []
     for _ in range(args.rounds):  # interleaved: the machine is shared and noisy
         for c, n in ((1, args.single), (100, args.streams)):
-            results.setdefault(f"direct c={c}", []).append(asyncio.run(run_streams(direct, {}, n, c)))
+            results.setdefault(f"direct c={c}", []).append(
+                asyncio.run(run_streams(direct, {}, n, c))
+            )
             cpu = cpu_seconds(pid)
-            results.setdefault(f"hookline c={c}", []).append(asyncio.run(run_streams(via, auth, n, c)))
+            results.setdefault(f"hookline c={c}", []).append(
+                asyncio.run(run_streams(via, auth, n, c))
+            )
             if c == 100:
                 cpu_per_chunk.append((cpu_seconds(pid) - cpu) / (n * TOKENS) * 1000)
 
@@ -206,7 +212,9 @@ def report(args: argparse.Namespace, pid: int, upstream_port: int, hookline_port
 
     print(f"\nStreamed chat completions, {TOKENS} tokens at once from the upstream, "
           f"median of {args.rounds} interleaved rounds\n")  # fmt: skip
-    print(f"{'run':<16}{'TTFT p50':>10}{'TTFT p99':>10}{'total p50':>11}{'total p99':>11}{'streams/s':>11}")
+    print(
+        f"{'run':<16}{'TTFT p50':>10}{'TTFT p99':>10}{'total p50':>11}{'total p99':>11}{'streams/s':>11}"
+    )
     for name in results:
         rate = statistics.median(run[2] for run in results[name])
         print(f"{name:<16}{median_of(name, 0, 0.5):>9.1f}ms{median_of(name, 0, 0.99):>8.1f}ms"
@@ -216,10 +224,14 @@ def report(args: argparse.Namespace, pid: int, upstream_port: int, hookline_port
         ttft50 = median_of(f"hookline c={c}", 0, 0.5) - median_of(f"direct c={c}", 0, 0.5)
         ttft99 = median_of(f"hookline c={c}", 0, 0.99) - median_of(f"direct c={c}", 0, 0.99)
         ratio = median_of(f"hookline c={c}", 1, 0.5) / median_of(f"direct c={c}", 1, 0.5)
-        print(f"c={c:<4} TTFT +{ttft50:.1f} ms p50, +{ttft99:.1f} ms p99; total stream time {ratio:.2f}x direct")
+        print(
+            f"c={c:<4} TTFT +{ttft50:.1f} ms p50, +{ttft99:.1f} ms p99; total stream time {ratio:.2f}x direct"
+        )
     rate100 = statistics.median(run[2] for run in results["hookline c=100"])
     cpu = statistics.median(cpu_per_chunk)
-    print(f"\nhookline CPU per relayed chunk: {cpu:.3f} ms (LiteLLM, as reported: {LITELLM['cpu_ms_per_chunk']} ms)")
+    print(
+        f"\nhookline CPU per relayed chunk: {cpu:.3f} ms (LiteLLM, as reported: {LITELLM['cpu_ms_per_chunk']} ms)"
+    )
     print(f"streams/s at c=100: {rate100:.1f} (LiteLLM, as reported: {LITELLM['streams_per_s_c100']:g}; "
           f"{rate100 / LITELLM['streams_per_s_c100']:.0f}x)")  # fmt: skip
     subs = asyncio.run(subscribers(base, auth, pid, args.subscribers))
