@@ -192,3 +192,19 @@ async def test_bad_requests_get_problem_json_with_an_openai_error(live: LiveGate
     ) as client:
         with pytest.raises(openai.AuthenticationError):
             await client.models.list()
+
+
+async def test_the_synchronous_sdk_works_too(live: LiveGateway) -> None:
+    def call() -> tuple[str | None, str]:
+        with openai.OpenAI(
+            base_url=f"{live.base_url}/v1", api_key=live.api_key, max_retries=0
+        ) as client:
+            plain = client.chat.completions.create(model="echo-1", messages=MESSAGES)
+            streamed = client.chat.completions.create(
+                model="echo-1", messages=MESSAGES, stream=True
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        return plain.choices[0].message.content, text
+
+    plain, streamed = await asyncio.to_thread(call)  # the gateway runs in this test's loop
+    assert plain == streamed == "echo: hello facade"
