@@ -208,3 +208,22 @@ async def test_the_synchronous_sdk_works_too(live: LiveGateway) -> None:
 
     plain, streamed = await asyncio.to_thread(call)  # the gateway runs in this test's loop
     assert plain == streamed == "echo: hello facade"
+
+
+async def test_a_waiting_call_is_run_at_once_by_this_process_and_only_once(
+    live: LiveGateway, upstream: ScriptedUpstream
+) -> None:
+    async with sdk(live) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="once-1", messages=MESSAGES
+        )
+    job_id = raw.headers["hookline-job-id"]
+    await asyncio.sleep(0.3)  # a second run, if the claim loop also took it, would show by now
+    assert upstream.counts["once-1"] == 1
+    events = (await live.client.get(f"/v1/jobs/{job_id}/events")).json()["data"]
+    assert [e["type"] for e in events] == [
+        "job.queued", "job.started", "job.output.delta", "job.succeeded"
+    ]  # fmt: skip
+    assert [e["seq"] for e in events] == [1, 2, 3, 4]
+    job = (await live.client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["attempts"] == 1 and job["started_at"] is not None

@@ -95,7 +95,7 @@ class JobQueue:
         self.clock = clock or SystemClock()
         self.notifier = notifier or Notifier()
         self.live = LiveHub()  # committed events and live output, to the streams in this process
-        self._writer: WriteBatcher[tuple[Job, NewEvent], AcceptOutcome] = WriteBatcher(
+        self._writer: WriteBatcher[tuple[Job, list[NewEvent]], AcceptOutcome] = WriteBatcher(
             store.insert_jobs, name="hookline-accept-writer"
         )
 
@@ -105,12 +105,19 @@ class JobQueue:
     # --- the caller's side
 
     async def submit(
-        self, tenant: str, request: SubmitRequest, *, job_id: str | None = None
+        self,
+        tenant: str,
+        request: SubmitRequest,
+        *,
+        job_id: str | None = None,
+        lease_token: str | None = None,
     ) -> tuple[Job, bool]:
         """Durably queue a job. Returns ``(job, created)``: ``created`` is False for a replayed
         idempotency key with the same request. Raises :class:`Conflict` if the key was used with a
         different request. ``job_id`` (a fresh ``new_id("job")``) lets a caller watch the job's
-        live events before it exists.
+        live events before it exists. With ``lease_token`` the job is accepted already claimed
+        (running, its first attempt started, leased under that token): a worker in this process
+        that reserved room for it runs it at once, without a claim.
         """
         fingerprint = request.fingerprint() if request.idempotency_key else None
         if request.idempotency_key:
@@ -145,14 +152,26 @@ class JobQueue:
             event_seq=1,
             webhook=request.webhook,
         )
-        outcome = await self._writer.submit((job, NewEvent(EventType.QUEUED, {})))
+        first_events = [NewEvent(EventType.QUEUED, {})]
+        if lease_token is not None:
+            job = job.evolve(
+                status=JobStatus.RUNNING,
+                attempts=1,
+                started_at=now,
+                lease_token=lease_token,
+                lease_expires_at=now + self._lease_ms,
+                event_seq=2,
+            )
+            first_events.append(NewEvent(EventType.STARTED, {"attempt": 1}))
+        outcome = await self._writer.submit((job, first_events))
         if outcome.duplicate:
             assert request.idempotency_key is not None
             existing = await self.store.find_job_by_idempotency_key(tenant, request.idempotency_key)
             if existing is None:  # the other job vanished again: only retention could do that
                 raise Conflict("idempotency key collided with a job that no longer exists")
             return self._replayed(existing, fingerprint), False
-        self.notifier.publish(JOBS_AVAILABLE)
+        if lease_token is None:
+            self.notifier.publish(JOBS_AVAILABLE)
         if outcome.deliveries:
             self.notifier.publish(DELIVERIES_AVAILABLE)
         return job, True

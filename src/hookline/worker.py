@@ -147,6 +147,31 @@ class Worker:
             running.task = asyncio.create_task(self._execute(running), name=f"job-{job.id}")
         return len(jobs) == want
 
+    # --- jobs handed over at accept time (the OpenAI facade's streams)
+
+    def reserve(self, upstream: str) -> bool:
+        """Take a slot of ``upstream`` for a job about to be accepted already claimed; False when
+        the worker is stopping or the upstream is at its concurrency."""
+        target = self.upstreams.get(upstream)
+        if self._stopping or target is None:
+            return False
+        if self._active[upstream] >= target.config.max_concurrency:
+            return False
+        self._active[upstream] += 1
+        return True
+
+    def unreserve(self, upstream: str) -> None:
+        self._active[upstream] -= 1
+        self._wake.set()
+
+    def adopt(self, job: Job, lease_token: str) -> None:
+        """Run a job accepted already claimed under ``lease_token`` in the slot :meth:`reserve`
+        took: no claim transaction, no wait for the claim loop."""
+        running = RunningJob(job, lease_token, self.queue.live)
+        self.running[job.id] = running
+        self.queue.live.running.add(job.id)
+        running.task = asyncio.create_task(self._execute(running), name=f"job-{job.id}")
+
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.delta_flush_seconds)

@@ -108,12 +108,25 @@ async def _call(request: Request, operation: Operation) -> Response:
     job_id = new_id("job")
     # Watch before the job exists: the first token then goes out the moment it arrives.
     watching = gateway.queue.live.watch_job(job_id) if stream and not respond_async else None
+    # A caller waiting on the answer: when this process's worker has room, the job is accepted
+    # already claimed and starts at once (no claim transaction before the upstream call).
+    worker = gateway.worker if not respond_async else None
+    lease_token = new_id("lease") if worker is not None and worker.reserve(upstream.name) else None
     try:
-        job, created = await gateway.queue.submit(tenant, submission, job_id=job_id)
+        job, created = await gateway.queue.submit(
+            tenant, submission, job_id=job_id, lease_token=lease_token
+        )
     except BaseException:
         if watching is not None:
             watching[0].close()
+        if worker is not None and lease_token is not None:
+            worker.unreserve(upstream.name)
         raise
+    if worker is not None and lease_token is not None:
+        if created:
+            worker.adopt(job, lease_token)
+        else:
+            worker.unreserve(upstream.name)
     if watching is not None and not created:  # an idempotent replay: another job, from its start
         watching[0].close()
         watching = None

@@ -61,8 +61,11 @@ class Store(abc.ABC):
     # Jobs
 
     @abc.abstractmethod
-    async def insert_jobs(self, items: Sequence[tuple[Job, NewEvent]]) -> list[AcceptOutcome]:
-        """Insert new jobs with their first event, as few transactions as possible.
+    async def insert_jobs(
+        self, items: Sequence[tuple[Job, NewEvent | Sequence[NewEvent]]]
+    ) -> list[AcceptOutcome]:
+        """Insert new jobs with their first events (the last has ``job.event_seq``), in as few
+        transactions as possible.
 
         An item whose ``(tenant, idempotency_key)`` exists already is not inserted and comes back with
         ``duplicate=True``; the others are inserted regardless.

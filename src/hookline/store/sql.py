@@ -171,24 +171,30 @@ class SQLStore(Store):
 
     # Jobs
 
-    async def insert_jobs(self, items: Sequence[tuple[Job, NewEvent]]) -> list[AcceptOutcome]:
+    async def insert_jobs(
+        self, items: Sequence[tuple[Job, NewEvent | Sequence[NewEvent]]]
+    ) -> list[AcceptOutcome]:
         if not items:
             return []
 
         def insert(conn: Connection) -> list[AcceptOutcome]:
             conn.execute(sa.insert(jobs), [job.as_row() for job, _ in items])
             # No RETURNING: nothing on the accept path needs the event's id, and it costs.
-            rows = [
-                _event_row(job.id, job.tenant, job.event_seq, event, job.created_at)
-                for job, event in items
-            ]
-            conn.execute(sa.insert(events), rows)
+            rows: list[tuple[Job, dict[str, Any]]] = []
+            for job, given in items:
+                new = [given] if isinstance(given, NewEvent) else list(given)
+                first = job.event_seq - len(new) + 1
+                rows += [
+                    (job, _event_row(job.id, job.tenant, first + i, event, job.created_at))
+                    for i, event in enumerate(new)
+                ]
+            conn.execute(sa.insert(events), [row for _, row in rows])
             # The hot path: most jobs have no webhook and most tenants no endpoints, so only
             # the jobs that someone listens to are turned into events for the outbox.
             subscribed = endpoints_by_tenant(conn, {job.tenant for job, _ in items})
             reported = [
                 (Event.from_row({"id": 0, **row}), job, job.webhook)
-                for (job, _), row in zip(items, rows, strict=True)
+                for job, row in rows
                 if job.webhook or job.tenant in subscribed
             ]
             written = enqueue_deliveries(conn, reported, items[0][0].created_at, subscribed)
