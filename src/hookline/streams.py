@@ -81,11 +81,12 @@ async def job_stream(
     *,
     poll_seconds: float,
     watching: tuple[Subscription, list[LiveDelta]] | None = None,
-) -> AsyncIterator[StreamItem]:
-    """The job's events after ``cursor``, live, until the terminal one. Raises NotFound (before
-    yielding anything) for a job the tenant does not have. ``watching``: a subscription taken
-    before the job was submitted (the facade's), so nothing can have been missed and the first
-    token need not wait for a read of the store."""
+) -> AsyncIterator[list[StreamItem]]:
+    """The job's events after ``cursor``, live, until the terminal one, in batches (what is
+    ready at once: a channel sends a batch in one write). Raises NotFound (before yielding
+    anything) for a job the tenant does not have. ``watching``: a subscription taken before the
+    job was submitted (the facade's), so nothing can have been missed and the first token need
+    not wait for a read of the store."""
     if watching is None:
         job = await queue.get(tenant, job_id)
         subscription, backlog = queue.live.watch_job(job_id)
@@ -94,17 +95,20 @@ async def job_stream(
     try:
         if watching is None:
             # Replay what the store has, then the live text not yet written, then follow.
-            for item in await _catch_up(queue, job_id, cursor):
-                yield item
-                if item.terminal:
+            history = await _catch_up(queue, job_id, cursor)
+            if history:
+                yield _until_terminal(history)
+                if history[-1].terminal:
                     return
             if job.status.is_terminal:  # resumed after its end: nothing more will come
                 return
         pending: list[Message] = list(backlog)
         while True:
-            for item in await _relay(queue, job_id, cursor, pending):
-                yield item
-                if item.terminal:
+            batch = await _relay(queue, job_id, cursor, pending)
+            if batch:
+                batch = _until_terminal(batch)
+                yield batch
+                if batch[-1].terminal:
                     return
             # A job running here reports everything through the hub; others are re-read now and
             # then (a cancel through another process, a worker elsewhere).
@@ -115,13 +119,23 @@ async def job_stream(
             ):
                 subscription.lagged = False
                 subscription.drain()
-                for item in await _catch_up(queue, job_id, cursor):
-                    yield item
-                    if item.terminal:
+                caught_up = await _catch_up(queue, job_id, cursor)
+                if caught_up:
+                    caught_up = _until_terminal(caught_up)
+                    yield caught_up
+                    if caught_up[-1].terminal:
                         return
             pending = subscription.drain()
     finally:
         subscription.close()
+
+
+def _until_terminal(items: list[StreamItem]) -> list[StreamItem]:
+    """The items up to and including the terminal event (nothing follows it)."""
+    for position, item in enumerate(items):
+        if item.terminal:
+            return items[: position + 1]
+    return items
 
 
 async def _relay(
@@ -172,17 +186,22 @@ async def tenant_stream(
     types: Collection[str],
     *,
     poll_seconds: float,
-) -> AsyncIterator[StreamItem]:
+) -> AsyncIterator[list[StreamItem]]:
     """Every durable event of the tenant after store-wide id ``after_id`` (of ``types``, if
-    given), without end. Live messages only wake it; the store is the source."""
+    given), without end, in batches. Live messages only wake it; the store is the source."""
     subscription = queue.live.watch_tenant(tenant)
     try:
         while True:
             events = await queue.store.list_tenant_events(tenant, after_id, limit=_PAGE)
-            for event in events:
-                after_id = event.id
-                if not types or event.type.value in types:
-                    yield _event_item(event, str(event.id))
+            if events:
+                after_id = events[-1].id
+                batch = [
+                    _event_item(event, str(event.id))
+                    for event in events
+                    if not types or event.type.value in types
+                ]
+                if batch:
+                    yield batch
             if len(events) < _PAGE:
                 await subscription.wait(poll_seconds)
                 subscription.drain()

@@ -17,11 +17,12 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
 from hookline.api.problems import json_response, problem
 from hookline.api.schemas import JobCreate
+from hookline.api.streams import sse_stream
 from hookline.errors import InvalidRequest
 from hookline.events import EventType
 from hookline.gateway import Gateway
@@ -182,16 +183,12 @@ def _failure(job: Job) -> tuple[int, str, str]:
     )
 
 
-def _openai_sse(gateway: Gateway, chunks: AsyncIterator[str]) -> EventSourceResponse:
-    async def events() -> AsyncIterator[ServerSentEvent]:
-        async for data in chunks:
-            yield ServerSentEvent(data)
+def _openai_sse(gateway: Gateway, chunks: AsyncIterator[list[str]]) -> EventSourceResponse:
+    async def events() -> AsyncIterator[bytes]:
+        async for batch in chunks:  # what is ready at once goes out in one write
+            yield b"".join(b"data: %s\n\n" % data.encode() for data in batch)
 
-    return EventSourceResponse(
-        events(),
-        ping=gateway.settings.streams.heartbeat_seconds,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return sse_stream(gateway, events())
 
 
 async def _chunks(
@@ -201,8 +198,8 @@ async def _chunks(
     operation: Operation,
     include_usage: bool,
     watching: tuple[Subscription, list[LiveDelta]] | None,
-) -> AsyncIterator[str]:
-    """The job's events as OpenAI stream chunks (JSON text of each ``data:`` line)."""
+) -> AsyncIterator[list[str]]:
+    """The job's events as OpenAI stream chunks (JSON text of each ``data:`` line), in batches."""
     chat = operation is Operation.CHAT_COMPLETIONS
     base = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{job.id}",
@@ -220,55 +217,63 @@ async def _chunks(
         poll_seconds=gateway.settings.streams.poll_seconds,
         watching=watching,
     )
-    async for item in stream:
-        message = item.message
-        if isinstance(message, LiveDelta) or message.type is EventType.OUTPUT_DELTA:
-            if isinstance(message, LiveDelta):
-                delta_attempt, index, text = message.attempt, message.index, message.text
-            else:
-                data = message.data
-                delta_attempt, index, text = data["attempt"], data["index"], data["text"]
-            if attempt is not None and delta_attempt != attempt:
-                # The upstream broke off and the job started over: the text sent so far is not a
-                # prefix of the new answer, which OpenAI's stream format cannot express.
-                yield _error_chunk(
-                    "upstream_retry",
-                    f"the upstream connection broke and job {job.id} was retried; its result "
-                    f"is at /v1/jobs/{job.id}",
-                )
-                return
-            attempt = delta_attempt
-            yield orjson.dumps(_delta_chunk(base, chat, index, text, started)).decode()
-        elif item.type == "job.succeeded":
-            finished = gateway.queue.live.finished(job.id) or await gateway.queue.get(
-                tenant, job.id
-            )
-            final = finished.output or {}
-            for choice in final.get("choices") or []:
-                index = choice.get("index", 0)
-                finish = {"finish_reason": choice.get("finish_reason"), "logprobs": None}
-                if chat:
-                    delta: dict[str, Any] = {}
-                    if index not in started:
-                        delta["role"] = "assistant"
-                    tool_calls = (choice.get("message") or {}).get("tool_calls")
-                    if tool_calls:  # relayed whole at the end: the live text carries no tool calls
-                        delta["tool_calls"] = [
-                            {**call, "index": i} for i, call in enumerate(tool_calls)
-                        ]
-                    chunk_choice = {"index": index, "delta": delta, **finish}
+    async for batch in stream:
+        out: list[str] = []
+        for item in batch:
+            message = item.message
+            if isinstance(message, LiveDelta) or message.type is EventType.OUTPUT_DELTA:
+                if isinstance(message, LiveDelta):
+                    delta_attempt, index, text = message.attempt, message.index, message.text
                 else:
-                    chunk_choice = {"index": index, "text": "", **finish}
-                yield orjson.dumps({**base, "choices": [chunk_choice]}).decode()
-            if include_usage and final.get("usage") is not None:
-                yield orjson.dumps({**base, "choices": [], "usage": final["usage"]}).decode()
-            yield "[DONE]"
-            return
-        elif item.terminal:
-            finished = await gateway.queue.get(tenant, job.id)
-            _, kind, reason = _failure(finished)
-            yield _error_chunk(kind, reason)
-            return
+                    data = message.data
+                    delta_attempt, index, text = data["attempt"], data["index"], data["text"]
+                if attempt is not None and delta_attempt != attempt:
+                    # The upstream broke off and the job started over: the text sent so far is not a
+                    # prefix of the new answer, which OpenAI's stream format cannot express.
+                    reason = (
+                        f"the upstream connection broke and job {job.id} was retried; its result "
+                        f"is at /v1/jobs/{job.id}"
+                    )
+                    yield [*out, _error_chunk("upstream_retry", reason)]
+                    return
+                attempt = delta_attempt
+                out.append(orjson.dumps(_delta_chunk(base, chat, index, text, started)).decode())
+            elif item.type == "job.succeeded":
+                finished = gateway.queue.live.finished(job.id) or await gateway.queue.get(
+                    tenant, job.id
+                )
+                final = finished.output or {}
+                for choice in final.get("choices") or []:
+                    index = choice.get("index", 0)
+                    finish = {"finish_reason": choice.get("finish_reason"), "logprobs": None}
+                    if chat:
+                        delta: dict[str, Any] = {}
+                        if index not in started:
+                            delta["role"] = "assistant"
+                        tool_calls = (choice.get("message") or {}).get("tool_calls")
+                        if (
+                            tool_calls
+                        ):  # relayed whole at the end: the live text carries no tool calls
+                            delta["tool_calls"] = [
+                                {**call, "index": i} for i, call in enumerate(tool_calls)
+                            ]
+                        chunk_choice = {"index": index, "delta": delta, **finish}
+                    else:
+                        chunk_choice = {"index": index, "text": "", **finish}
+                    out.append(orjson.dumps({**base, "choices": [chunk_choice]}).decode())
+                if include_usage and final.get("usage") is not None:
+                    out.append(
+                        orjson.dumps({**base, "choices": [], "usage": final["usage"]}).decode()
+                    )
+                yield [*out, "[DONE]"]
+                return
+            elif item.terminal:
+                finished = await gateway.queue.get(tenant, job.id)
+                _, kind, reason = _failure(finished)
+                yield [*out, _error_chunk(kind, reason)]
+                return
+        if out:
+            yield out
 
 
 def _delta_chunk(

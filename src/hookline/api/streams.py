@@ -12,7 +12,7 @@ from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
 from hookline.api.deps import GatewayDep, TenantDep
@@ -43,13 +43,23 @@ def resume_cursor(last_event_id: str | None, after: str | None) -> StreamCursor:
         raise InvalidRequest(f"bad Last-Event-ID or after: {exc}") from exc
 
 
-def sse_response(gateway: Gateway, items: AsyncIterator[StreamItem]) -> EventSourceResponse:
-    async def events() -> AsyncIterator[ServerSentEvent]:
-        async for item in items:
-            yield ServerSentEvent(orjson.dumps(item.body).decode(), event=item.type, id=item.id)
+def sse_response(gateway: Gateway, batches: AsyncIterator[list[StreamItem]]) -> EventSourceResponse:
+    async def events() -> AsyncIterator[bytes]:
+        async for batch in batches:
+            yield b"".join(encode_sse(item) for item in batch)  # one write per batch
 
+    return sse_stream(gateway, events())
+
+
+def encode_sse(item: StreamItem) -> bytes:
+    body = orjson.dumps(item.body)
+    return b"id: %s\nevent: %s\ndata: %s\n\n" % (item.id.encode(), item.type.encode(), body)
+
+
+def sse_stream(gateway: Gateway, chunks: AsyncIterator[bytes]) -> EventSourceResponse:
+    """An SSE response of already encoded events, with the heartbeat comment."""
     return EventSourceResponse(
-        events(),
+        chunks,
         ping=gateway.settings.streams.heartbeat_seconds,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -83,14 +93,14 @@ async def job_events(
 
 
 async def _prepend(
-    first: StreamItem | None, rest: AsyncIterator[StreamItem]
-) -> AsyncIterator[StreamItem]:
+    first: list[StreamItem] | None, rest: AsyncIterator[list[StreamItem]]
+) -> AsyncIterator[list[StreamItem]]:
     if first is None:
         return
     yield first
-    if not first.terminal:
-        async for item in rest:
-            yield item
+    if not first[-1].terminal:
+        async for batch in rest:
+            yield batch
 
 
 @router.get(
@@ -153,9 +163,10 @@ async def job_websocket(websocket: WebSocket, job_id: str, after: str | None = N
         return
     await websocket.accept()
     try:
-        async for item in _prepend(first, stream):
-            message = {"id": item.id, "event": item.type, "data": item.body}
-            await websocket.send_text(orjson.dumps(message).decode())
+        async for batch in _prepend(first, stream):
+            for item in batch:
+                message = {"id": item.id, "event": item.type, "data": item.body}
+                await websocket.send_text(orjson.dumps(message).decode())
         await websocket.close(code=1000)
     except WebSocketDisconnect:
         pass
