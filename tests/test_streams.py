@@ -218,6 +218,24 @@ async def test_websocket_carries_the_same_events_and_resumes(
         assert closed.value.rcvd is not None and closed.value.rcvd.code == code
 
 
+async def test_a_websocket_client_that_leaves_a_quiet_job_is_let_go(
+    live: LiveGateway, upstream: ScriptedUpstream
+) -> None:
+    upstream.script("m", Hang(seconds=30))
+    job_id = await submit(live, chat())
+    url = live.base_url.replace("http://", "ws://") + f"/v1/jobs/{job_id}/ws"
+    auth = {"Authorization": f"Bearer {live.api_key}"}
+    async with websockets.connect(url, additional_headers=auth) as ws:
+        await ws.recv()  # job.queued
+        assert live.gateway.queue.live.watching(job_id)
+    for _ in range(100):
+        if not live.gateway.queue.live.watching(job_id):
+            break
+        await asyncio.sleep(0.02)
+    assert not live.gateway.queue.live.watching(job_id)
+    await live.client.post(f"/v1/jobs/{job_id}/cancel")
+
+
 async def test_tenant_stream_carries_every_job_filters_by_type_and_resumes(
     live: LiveGateway, upstream: ScriptedUpstream
 ) -> None:

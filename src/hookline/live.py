@@ -31,7 +31,7 @@ from hookline.jobs import Job
 # A watcher that falls this far behind is cut off from live messages and catches up from the
 # store (which holds every durable event): memory stays bounded whatever the client's speed.
 MAX_BACKLOG = 10_000
-_FINISHED_KEPT = 10_000
+_FINISHED_KEPT = 1_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -169,8 +169,8 @@ class LiveHub:
                 self._made_durable(event)
             elif event.type.is_terminal:
                 self._tails.pop(event.job_id, None)
-                if job is not None and job.id == event.job_id:
-                    self._finished[job.id] = job
+                if job is not None and job.id == event.job_id and self.watching(job.id):
+                    self._finished[job.id] = job  # for its watchers; taken by the first
                     while len(self._finished) > _FINISHED_KEPT:
                         self._finished.popitem(last=False)
             for key in (f"job:{event.job_id}", f"tenant:{event.tenant}"):
@@ -193,8 +193,8 @@ class LiveHub:
         tail.end = tail.start + len(rest)
 
     def finished(self, job_id: str) -> Job | None:
-        """The job as it finished in this process (recently), if it did."""
-        return self._finished.get(job_id)
+        """The job as it finished in this process (recently, while watched), if it did."""
+        return self._finished.pop(job_id, None)
 
     def forget(self, job_id: str) -> None:
         """The job stopped running here (finished, released, lost): drop its live text."""

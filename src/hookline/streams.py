@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from typing import Any
 
 from hookline.events import Event, EventType
@@ -81,7 +81,7 @@ async def job_stream(
     *,
     poll_seconds: float,
     watching: tuple[Subscription, list[LiveDelta]] | None = None,
-) -> AsyncIterator[list[StreamItem]]:
+) -> AsyncGenerator[list[StreamItem], None]:
     """The job's events after ``cursor``, live, until the terminal one, in batches (what is
     ready at once: a channel sends a batch in one write). Raises NotFound (before yielding
     anything) for a job the tenant does not have. ``watching``: a subscription taken before the

@@ -7,6 +7,7 @@ character count appended for live output, see :mod:`hookline.live`); sending it 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -162,11 +163,32 @@ async def job_websocket(websocket: WebSocket, job_id: str, after: str | None = N
         await websocket.close(code=code, reason=str(exc)[:120])
         return
     await websocket.accept()
-    try:
+
+    async def send_all() -> None:
         async for batch in _prepend(first, stream):
             for item in batch:
                 message = {"id": item.id, "event": item.type, "data": item.body}
                 await websocket.send_text(orjson.dumps(message).decode())
         await websocket.close(code=1000)
-    except WebSocketDisconnect:
-        pass
+
+    async def until_closed() -> None:
+        # Notice a client that leaves while the job is quiet, and let go of its subscription.
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+    sending = asyncio.create_task(send_all())
+    watching = asyncio.create_task(until_closed())
+    try:
+        await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sending, watching):
+            task.cancel()
+        results = await asyncio.gather(sending, watching, return_exceptions=True)
+        await stream.aclose()  # its subscription ends now, not when garbage is collected
+        sent = results[0]  # a client gone mid-send is a normal end; anything else is not
+        gone = watching.done() and not watching.cancelled()
+        expected = (
+            (WebSocketDisconnect, OSError, RuntimeError) if gone else (WebSocketDisconnect, OSError)
+        )
+        if isinstance(sent, Exception) and not isinstance(sent, expected):
+            raise sent
