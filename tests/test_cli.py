@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hookline.relay import relay_directory
 from tests.processes import GatewayProcess, hookline, write_config
 from tests.scripted_upstream import Hang, Reply, ScriptedUpstream, Threaded
 from tests.webhook_receiver import Answer, WebhookReceiver
@@ -159,7 +160,14 @@ def test_live_output_crosses_from_a_worker_process_to_the_api_process(
     try:
         api.start()
         worker.start()
-        time.sleep(1.2)  # the api process finds the worker's relay (it looks every second)
+        # The worker serves its live output on a socket once it has started; the api process
+        # looks for new ones every half second.
+        sockets = relay_directory(env["HOOKLINE_DATABASE_URL"].removeprefix("sqlite:///"))
+        deadline = time.monotonic() + 60
+        while not list(sockets.glob("*.sock")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(sockets.glob("*.sock")), "the worker process never served its live relay"
+        time.sleep(1.5)
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=api.url, headers=headers, timeout=30) as client:
             job = client.post("/v1/jobs", json=CHAT).json()

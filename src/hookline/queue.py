@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import hashlib
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import orjson
@@ -111,13 +111,16 @@ class JobQueue:
         *,
         job_id: str | None = None,
         lease_token: str | None = None,
+        on_built: Callable[[Job], None] | None = None,
     ) -> tuple[Job, bool]:
         """Durably queue a job. Returns ``(job, created)``: ``created`` is False for a replayed
         idempotency key with the same request. Raises :class:`Conflict` if the key was used with a
         different request. ``job_id`` (a fresh ``new_id("job")``) lets a caller watch the job's
         live events before it exists. With ``lease_token`` the job is accepted already claimed
         (running, its first attempt started, leased under that token): a worker in this process
-        that reserved room for it runs it at once, without a claim.
+        that reserved room for it runs it at once, without a claim. ``on_built`` is called with
+        that job before it is written, so the worker can start the upstream call while the accept
+        commits (it must write nothing about the job until told the accept succeeded).
         """
         fingerprint = request.fingerprint() if request.idempotency_key else None
         if request.idempotency_key:
@@ -163,6 +166,8 @@ class JobQueue:
                 event_seq=2,
             )
             first_events.append(NewEvent(EventType.STARTED, {"attempt": 1}))
+            if on_built is not None:
+                on_built(job)
         outcome = await self._writer.submit((job, first_events))
         if outcome.duplicate:
             assert request.idempotency_key is not None

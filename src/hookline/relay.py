@@ -28,7 +28,7 @@ from hookline.events import Event, EventType
 from hookline.live import LiveDelta, LiveHub, Message
 
 log = logging.getLogger("hookline.relay")
-_SCAN_SECONDS = 1.0
+_SCAN_SECONDS = 0.5
 _MAX_BUFFERED = 4 * 1024 * 1024  # a reader this far behind is dropped (and reconnects)
 
 

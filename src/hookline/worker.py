@@ -40,6 +40,16 @@ class RunningJob:
     produced: dict[int, int] = dataclasses.field(default_factory=dict)  # characters per choice
     flushed: dict[int, int] = dataclasses.field(default_factory=dict)
     releasing: bool = False
+    # Set for a job started while its accept commits: True once it is on disk, False if it never
+    # will be. Nothing about the job is written before it is True.
+    accepted: asyncio.Future[bool] | None = None
+
+    @property
+    def on_disk(self) -> bool:
+        accepted = self.accepted
+        return accepted is None or (
+            accepted.done() and not accepted.cancelled() and accepted.result()
+        )
 
     def add_delta(self, index: int, text: str) -> None:
         """Called per upstream chunk: straight to live watchers, and buffered for the log."""
@@ -164,19 +174,30 @@ class Worker:
         self._active[upstream] -= 1
         self._wake.set()
 
-    def adopt(self, job: Job, lease_token: str) -> None:
+    def adopt(
+        self, job: Job, lease_token: str, accepted: asyncio.Future[bool] | None = None
+    ) -> None:
         """Run a job accepted already claimed under ``lease_token`` in the slot :meth:`reserve`
-        took: no claim transaction, no wait for the claim loop."""
-        running = RunningJob(job, lease_token, self.queue.live)
+        took: no claim transaction, no wait for the claim loop. With ``accepted`` the job is
+        still being written: the upstream call starts now, and is aborted if it resolves False."""
+        running = RunningJob(job, lease_token, self.queue.live, accepted=accepted)
         self.running[job.id] = running
         self.queue.live.running.add(job.id)
         running.task = asyncio.create_task(self._execute(running), name=f"job-{job.id}")
+        if accepted is not None:
+            task = running.task
+
+            def settle(future: asyncio.Future[bool]) -> None:
+                if future.cancelled() or not future.result():
+                    task.cancel()  # never written: nothing to record, nothing to send
+
+            accepted.add_done_callback(settle)
 
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.delta_flush_seconds)
             try:
-                await self._flush(*self.running.values())
+                await self._flush(*(r for r in self.running.values() if r.on_disk))
             except StoreError as exc:
                 log.warning("writing output deltas failed: %s", exc)
 
@@ -185,7 +206,8 @@ class Worker:
             await asyncio.sleep(self.config.heartbeat_seconds)
             by_token: dict[str, list[str]] = {}
             for job_id, running in self.running.items():
-                by_token.setdefault(running.lease_token, []).append(job_id)
+                if running.on_disk:
+                    by_token.setdefault(running.lease_token, []).append(job_id)
             for token, ids in by_token.items():
                 try:
                     held = await self.queue.renew_leases(ids, token)
@@ -226,7 +248,9 @@ class Worker:
         try:
             await self._attempt(running)
         except asyncio.CancelledError:
-            if running.releasing:
+            if running.releasing and running.accepted is not None and not running.accepted.done():
+                await asyncio.wait([running.accepted])  # released only once it is on disk
+            if running.releasing and running.on_disk:
                 await _quietly(self.queue.release(job, token, "worker stopped; job requeued"))
         finally:
             self.queue.live.running.discard(job.id)
@@ -246,6 +270,8 @@ class Worker:
         try:
             output = await upstream.run(job.operation, body, running.add_delta)
         except UpstreamError as exc:
+            if not await _written(running):
+                return
             await _quietly(self._flush(running))
             failure = UpstreamFailure(
                 exc.type, exc.message, exc.status, exc.retryable, exc.retry_after, exc.body
@@ -255,12 +281,28 @@ class Worker:
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception as exc:
+            if not await _written(running):
+                return
             log.exception("job %s: unexpected error from upstream %s", job.id, job.upstream)
             failure = UpstreamFailure("internal_error", f"{type(exc).__name__}: {exc}", None, True)
             await _quietly(self.queue.fail(job, token, failure))
             return
+        if not await _written(running):
+            return
         # The last output and the success: one transaction, not two.
         await _quietly(self.queue.succeed(job, token, output, running.take_deltas()))
+
+
+async def _written(running: RunningJob) -> bool:
+    """Wait until a job started during its accept is on disk; False if it never will be."""
+    if running.accepted is None:
+        return True
+    try:
+        return await asyncio.shield(running.accepted)
+    except asyncio.CancelledError:
+        if running.accepted.cancelled():
+            return False
+        raise
 
 
 async def _quietly(awaitable: Any) -> None:

@@ -11,6 +11,7 @@ reattach to the result and events through the job API instead of paying twice. W
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -113,17 +114,35 @@ async def _call(request: Request, operation: Operation) -> Response:
     # already claimed and starts at once (no claim transaction before the upstream call).
     worker = gateway.worker if not respond_async else None
     lease_token = new_id("lease") if worker is not None and worker.reserve(upstream.name) else None
+    # Without an idempotency key (a replay would be another job) the upstream call even starts
+    # while the accept commits: the first token waits for the longer of the two, not for both.
+    accepted: asyncio.Future[bool] | None = None
+    if worker is not None and lease_token is not None and idempotency_key is None:
+        accepted = asyncio.get_running_loop().create_future()
+
+    def start(built: Job) -> None:
+        assert worker is not None and lease_token is not None
+        worker.adopt(built, lease_token, accepted)
+
     try:
         job, created = await gateway.queue.submit(
-            tenant, submission, job_id=job_id, lease_token=lease_token
+            tenant,
+            submission,
+            job_id=job_id,
+            lease_token=lease_token,
+            on_built=start if accepted is not None else None,
         )
     except BaseException:
         if watching is not None:
             watching[0].close()
-        if worker is not None and lease_token is not None:
+        if accepted is not None and job_id in gateway.queue.live.running:
+            accepted.set_result(False)  # the started call is aborted and its slot freed
+        elif worker is not None and lease_token is not None:
             worker.unreserve(upstream.name)
         raise
-    if worker is not None and lease_token is not None:
+    if accepted is not None:
+        accepted.set_result(created)
+    elif worker is not None and lease_token is not None:
         if created:
             worker.adopt(job, lease_token)
         else:
