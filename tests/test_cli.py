@@ -182,7 +182,10 @@ def test_live_output_crosses_from_a_worker_process_to_the_api_process(
                             deltas.append(event)
         assert "".join(d["data"]["text"] for d in deltas) == text
         live = [d for d in deltas if d["seq"] is None]
-        assert len(live) >= 15, f"only {len(live)} of {len(deltas)} deltas came live"
+        assert len(live) >= 15, (
+            f"only {len(live)} of {len(deltas)} deltas came live;\napi log:\n"
+            f"{api.log.read_text()}\nworker log:\n{worker.log.read_text()}"
+        )
     finally:
         api.stop()
         worker.stop()

@@ -122,6 +122,15 @@ class LiveHub:
         ]
         return subscription, backlog
 
+    def live_text(self) -> list[LiveDelta]:
+        """Every running job's text not written yet, as deltas (for a relay that just joined)."""
+        return [
+            LiveDelta(job_id, "", attempt, index, tail.start, "".join(tail.parts))
+            for job_id, tails in self._tails.items()
+            for (attempt, index), tail in tails.items()
+            if tail.parts
+        ]
+
     def watch_tenant(self, tenant: str) -> Subscription:
         """Committed events of every job of the tenant (no live text)."""
         return self._subscribe(f"tenant:{tenant}")

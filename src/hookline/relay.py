@@ -91,8 +91,12 @@ class RelayServer:
         for writer in list(self._readers):
             writer.close()
         _remove(self.path)
+        with contextlib.suppress(OSError):
+            self.path.parent.rmdir()  # the last process of this database leaves nothing behind
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A process joining mid-stream first gets the text its watchers would otherwise wait for.
+        writer.write(b"".join(encode(delta) for delta in self.hub.live_text()))
         self._readers.add(writer)
         try:
             await reader.read()  # until the other side goes away; it sends nothing
@@ -153,6 +157,7 @@ class RelayClient:
         except OSError:
             self._connections.pop(path, None)
             return
+        log.info("live relay: following %s", path.name)
         try:
             while line := await reader.readline():
                 message = decode(line)
