@@ -12,6 +12,7 @@ reattach to the result and events through the job API instead of paying twice. W
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -79,11 +80,44 @@ async def models(request: Request) -> Response:
     return json_response({"object": "list", "data": data})
 
 
+@dataclasses.dataclass(frozen=True)
+class _FacadeCall:
+    """An OpenAI request, understood: the job to submit and how the caller wants the answer."""
+
+    submission: SubmitRequest
+    stream: bool
+    include_usage: bool
+    respond_async: bool
+
+
 async def _call(request: Request, operation: Operation) -> Response:
     gateway: Gateway = request.app.state.gateway
+    tenant = await gateway.keys.tenant_for(request.headers.get("authorization"))
+    call = _understand(gateway, request, await request.body(), operation)
+    job, watching = await _accept(gateway, tenant, call)
+    job_headers = {"Hookline-Job-Id": job.id, "Location": f"/v1/jobs/{job.id}"}
+    if call.respond_async:
+        applied = {**job_headers, "Preference-Applied": "respond-async"}
+        return json_response(job_json(job), 202, applied)
+    if call.stream:
+        relay = _chunks(gateway, tenant, job, operation, call.include_usage, watching)
+        response = _openai_sse(gateway, relay)
+        response.headers.update(job_headers)
+        return response
+    while not job.status.is_terminal:  # a client that goes away leaves the job running
+        job = await gateway.queue.wait_until_terminal(tenant, job.id, 60)
+    if job.status is JobStatus.SUCCEEDED:
+        return json_response(job.output, 200, job_headers)
+    status, kind, message = _failure(job)
+    return problem(status, message, slug=kind, headers=job_headers, openai=True, job=job_json(job))
+
+
+def _understand(
+    gateway: Gateway, request: Request, raw: bytes, operation: Operation
+) -> _FacadeCall:
+    """Validate the body and headers (nothing is written before this passes)."""
     headers = request.headers
-    tenant = await gateway.keys.tenant_for(headers.get("authorization"))
-    body = _parse_body(await request.body(), headers.get("content-type", ""))
+    body = _parse_body(raw, headers.get("content-type", ""))
     stream = body.pop("stream", False) is True and operation.streams
     stream_options = body.pop("stream_options", None)
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
@@ -107,17 +141,30 @@ async def _call(request: Request, operation: Operation) -> Response:
         idempotency_key=idempotency_key,
     )
     respond_async = "respond-async" in (headers.get("prefer") or "").lower()
+    return _FacadeCall(submission, stream, include_usage, respond_async)
+
+
+async def _accept(
+    gateway: Gateway, tenant: str, call: _FacadeCall
+) -> tuple[Job, tuple[Subscription, list[LiveDelta]] | None]:
+    """Submit the job, and for a caller waiting on it, get it going as early as possible:
+
+    - a stream watches the job before it exists, so the first token goes out the moment it
+      arrives (no read of the store first);
+    - when this process's worker has room, the job is accepted already claimed (no claim
+      transaction before the upstream call), and without an idempotency key (a replay would be
+      another job) the upstream call even starts while the accept commits.
+    """
+    submission = call.submission
+    upstream = submission.upstream
     job_id = new_id("job")
-    # Watch before the job exists: the first token then goes out the moment it arrives.
-    watching = gateway.queue.live.watch_job(job_id) if stream and not respond_async else None
-    # A caller waiting on the answer: when this process's worker has room, the job is accepted
-    # already claimed and starts at once (no claim transaction before the upstream call).
-    worker = gateway.worker if not respond_async else None
-    lease_token = new_id("lease") if worker is not None and worker.reserve(upstream.name) else None
-    # Without an idempotency key (a replay would be another job) the upstream call even starts
-    # while the accept commits: the first token waits for the longer of the two, not for both.
+    watching = (
+        gateway.queue.live.watch_job(job_id) if call.stream and not call.respond_async else None
+    )
+    worker = gateway.worker if not call.respond_async else None
+    lease_token = new_id("lease") if worker is not None and worker.reserve(upstream) else None
     accepted: asyncio.Future[bool] | None = None
-    if worker is not None and lease_token is not None and idempotency_key is None:
+    if worker is not None and lease_token is not None and submission.idempotency_key is None:
         accepted = asyncio.get_running_loop().create_future()
 
     def start(built: Job) -> None:
@@ -138,7 +185,7 @@ async def _call(request: Request, operation: Operation) -> Response:
         if accepted is not None and job_id in gateway.queue.live.running:
             accepted.set_result(False)  # the started call is aborted and its slot freed
         elif worker is not None and lease_token is not None:
-            worker.unreserve(upstream.name)
+            worker.unreserve(upstream)
         raise
     if accepted is not None:
         accepted.set_result(created)
@@ -146,26 +193,11 @@ async def _call(request: Request, operation: Operation) -> Response:
         if created:
             worker.adopt(job, lease_token)
         else:
-            worker.unreserve(upstream.name)
+            worker.unreserve(upstream)
     if watching is not None and not created:  # an idempotent replay: another job, from its start
         watching[0].close()
         watching = None
-    job_headers = {"Hookline-Job-Id": job.id, "Location": f"/v1/jobs/{job.id}"}
-    if respond_async:
-        return json_response(
-            job_json(job), 202, {**job_headers, "Preference-Applied": "respond-async"}
-        )
-    if stream:
-        relay = _chunks(gateway, tenant, job, operation, include_usage, watching)
-        response = _openai_sse(gateway, relay)
-        response.headers.update(job_headers)
-        return response
-    while not job.status.is_terminal:  # a client that goes away leaves the job running
-        job = await gateway.queue.wait_until_terminal(tenant, job.id, 60)
-    if job.status is JobStatus.SUCCEEDED:
-        return json_response(job.output, 200, job_headers)
-    status, kind, message = _failure(job)
-    return problem(status, message, slug=kind, headers=job_headers, openai=True, job=job_json(job))
+    return job, watching
 
 
 def _parse_body(raw: bytes, content_type: str) -> dict[str, Any]:
