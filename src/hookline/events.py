@@ -13,6 +13,8 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
+from hookline.jobs import iso
+
 
 class EventType(enum.StrEnum):
     QUEUED = "job.queued"
@@ -64,3 +66,14 @@ class Event:
             data=row["data"] or {},
             created_at=row["created_at"],
         )
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    """An event as the API shows it (the job's log, SSE, WebSocket)."""
+    return {
+        "job_id": event.job_id,
+        "seq": event.seq,
+        "type": event.type.value,
+        "data": event.data,
+        "created_at": iso(event.created_at),
+    }

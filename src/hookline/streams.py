@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from typing import Any
 
-from hookline.events import Event, EventType
+from hookline.events import Event, EventType, event_json
 from hookline.jobs import iso
 from hookline.live import LiveDelta, Message, StreamCursor, Subscription
 from hookline.queue import JobQueue
@@ -45,13 +45,7 @@ class StreamItem:
         """The message as the API shows it (built only for the channels that send it whole)."""
         message = self.message
         if isinstance(message, Event):
-            return {
-                "job_id": message.job_id,
-                "seq": message.seq,
-                "type": message.type.value,
-                "data": message.data,
-                "created_at": iso(message.created_at),
-            }
+            return event_json(message)
         return {
             "job_id": message.job_id,
             "seq": None,  # live: not in the log yet; the id still resumes exactly here

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hookline.events import Event, EventType
-from hookline.jobs import JobStatus, Operation, iso
+from hookline.events import EventType
+from hookline.jobs import JobStatus, Operation
 
 # What each operation's OpenAI request body must contain at the least.
 _REQUIRED_INPUT: dict[Operation, tuple[str, type | tuple[type, ...]]] = {
@@ -136,13 +136,3 @@ class EventOut(BaseModel):
 class EventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[EventOut]
-
-
-def event_json(event: Event) -> dict[str, Any]:
-    return {
-        "job_id": event.job_id,
-        "seq": event.seq,
-        "type": event.type.value,
-        "data": event.data,
-        "created_at": iso(event.created_at),
-    }

@@ -18,8 +18,8 @@ from starlette.responses import Response
 
 from hookline.api.deps import GatewayDep, TenantDep
 from hookline.api.problems import json_response
-from hookline.api.schemas import event_json
 from hookline.errors import HooklineError, InvalidRequest, NotFound, Unauthorized
+from hookline.events import event_json
 from hookline.gateway import Gateway
 from hookline.live import BadResumeToken, StreamCursor
 from hookline.streams import StreamItem, job_stream, tenant_stream
