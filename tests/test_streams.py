@@ -73,7 +73,8 @@ async def test_live_text_reaches_watchers_before_it_is_written(
         job_id = await submit(live, chat())
         stream = await read_sse(live.client, f"/v1/jobs/{job_id}/events")
         live_deltas = [m for m in stream.messages if m.event == "job.output.delta"]
-        assert len(live_deltas) >= 20  # chunk by chunk, not one coalesced event
+        # Chunk by chunk (chunks that arrive together may share a message), not one at the end.
+        assert len(live_deltas) >= 8
         assert all(m.json()["seq"] is None for m in live_deltas)
         assert delta_text(stream.messages) == TEXT
         # The log has the text once, coalesced, and a resume from its start adds nothing.
