@@ -10,10 +10,10 @@ from starlette.responses import Response
 from hookline.api.limits import BodyLimitMiddleware
 from hookline.api.problems import install_problem_handlers
 from hookline.api.schemas import JobCreate
-from hookline.cli import tune_garbage_collector
+from hookline.cli import tune_interpreter
 from hookline.ids import new_id
 
-tune_garbage_collector()  # the same process tuning as `hookline api`, for a fair ceiling
+tune_interpreter()  # the same process tuning as `hookline api`, for a fair ceiling
 
 app = FastAPI()
 install_problem_handlers(app)

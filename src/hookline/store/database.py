@@ -4,12 +4,15 @@
 Writing the operations synchronously lets each database run them its best way:
 
 * SQLite (stdlib ``sqlite3``): writes run one at a time, each a transaction that starts with
-  ``BEGIN IMMEDIATE`` (so it never fails half-way on a lock upgrade). A write runs right in the
-  event loop when the database is free: short transactions cost less there than a hand-off to a
-  thread, whose every GIL re-acquisition waits behind the busy loop (measured: a 32-row accept batch
-  took 24 ms on a thread, 2 ms in the loop). When another process holds the write lock, the write
-  moves to a writer thread that waits for it, so the loop never blocks on a lock. Reads run on a
-  few reader threads, which WAL lets run beside the writer.
+  ``BEGIN IMMEDIATE`` (so it never fails half-way on a lock upgrade). A write's statements run
+  right in the event loop when the database is free: short transactions cost less there than a
+  hand-off to a thread, whose every GIL re-acquisition waits behind the busy loop (measured: a
+  32-row accept batch took 24 ms on a thread, 2 ms in the loop). Its COMMIT, an fsync, runs on the
+  writer thread, which drops the GIL while the disk works, so the loop keeps serving meanwhile
+  (the processes shorten the GIL switch interval, see ``cli.tune_interpreter``). When another
+  process holds the write lock, the whole write moves to the writer thread, which waits for it, so
+  the loop never blocks on a lock. Reads run on a few reader threads, which WAL lets run beside the
+  writer.
 * PostgreSQL (asyncpg): the same function runs in the event loop through SQLAlchemy's
   ``run_sync`` bridge; no threads.
 
@@ -130,24 +133,37 @@ class SQLiteDatabase(Database):
     async def write(self, operation: Operation[T]) -> T:
         async with self._write_lock:
             try:
-                return self._write_in_loop(operation)
+                conn, result = self._write_in_loop(operation)
             except _WriteLockTaken:
                 return await self._run(self._writer, self._writer_engine, operation)
+            # The COMMIT (an fsync) runs on the writer thread, which drops the GIL while it
+            # waits for the disk: the loop goes on serving (say, a stream's upstream call) instead
+            # of standing still for it. The write lock stays held until it is done.
+            committing = asyncio.get_running_loop().run_in_executor(self._writer, _commit, conn)
+            try:
+                await asyncio.shield(committing)
+            except asyncio.CancelledError:
+                await asyncio.wait([committing])  # the lock and connection are ours until it ends
+                raise
+            except sa_exc.SQLAlchemyError as exc:
+                raise translate_error(exc) from exc
+            return result
 
-    def _write_in_loop(self, operation: Operation[T]) -> T:
+    def _write_in_loop(self, operation: Operation[T]) -> tuple[Connection, T]:
+        conn = self._loop_engine.connect()
         try:
-            with self._loop_engine.connect() as conn:
-                try:
-                    conn.begin()  # BEGIN IMMEDIATE, failing at once if another process writes
-                except sa_exc.OperationalError as exc:
-                    if "locked" in str(exc) or "busy" in str(exc):
-                        raise _WriteLockTaken from exc
-                    raise
-                result = operation(conn)
-                conn.commit()
-                return result
-        except sa_exc.SQLAlchemyError as exc:
-            raise translate_error(exc) from exc
+            try:
+                conn.begin()  # BEGIN IMMEDIATE, failing at once if another process writes
+            except sa_exc.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise _WriteLockTaken from exc
+                raise
+            return conn, operation(conn)
+        except BaseException as exc:
+            conn.close()  # rolls back
+            if isinstance(exc, sa_exc.SQLAlchemyError):
+                raise translate_error(exc) from exc
+            raise
 
     async def read(self, operation: Operation[T]) -> T:
         return await self._run(self._readers, self._reader_engine, operation)
@@ -204,6 +220,13 @@ class PostgresDatabase(Database):
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _commit(conn: Connection) -> None:
+    try:
+        conn.commit()
+    finally:
+        conn.close()
 
 
 def sqlite_path(url: str) -> str | None:
