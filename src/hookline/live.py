@@ -114,20 +114,17 @@ class LiveHub:
 
     def watch_job(self, job_id: str) -> tuple[Subscription, list[LiveDelta]]:
         """Subscribe to one job; also returns the live text not yet durable, as deltas."""
-        subscription = self._subscribe(f"job:{job_id}")
-        backlog = [
-            LiveDelta(job_id, "", attempt, index, tail.start, "".join(tail.parts))
-            for (attempt, index), tail in self._tails.get(job_id, {}).items()
-            if tail.parts
-        ]
-        return subscription, backlog
+        return self._subscribe(f"job:{job_id}"), self._unwritten([job_id])
 
     def live_text(self) -> list[LiveDelta]:
         """Every running job's text not written yet, as deltas (for a relay that just joined)."""
+        return self._unwritten(list(self._tails))
+
+    def _unwritten(self, job_ids: list[str]) -> list[LiveDelta]:
         return [
             LiveDelta(job_id, "", attempt, index, tail.start, "".join(tail.parts))
-            for job_id, tails in self._tails.items()
-            for (attempt, index), tail in tails.items()
+            for job_id in job_ids
+            for (attempt, index), tail in self._tails.get(job_id, {}).items()
             if tail.parts
         ]
 

@@ -269,14 +269,9 @@ class JobQueue:
         results = await self.store.append_events_many(
             [(job.id, token, deltas) for job, token, deltas in items], self.clock.now_ms()
         )
-        deliveries = 0
         for (job, _, _), appended in zip(items, results, strict=True):
             if appended is not None:
-                self.live.publish_events(appended.events)
-                self.notifier.publish(job_topic(job.id))
-                deliveries += appended.deliveries
-        if deliveries:
-            self.notifier.publish(DELIVERIES_AVAILABLE)
+                self._announce(job.id, appended.events, appended.deliveries)
         return [appended is not None for appended in results]
 
     async def succeed(
@@ -400,8 +395,15 @@ class JobQueue:
     def _published(self, result: Transitioned | None) -> Job | None:
         if result is None:
             return None
-        self.live.publish_events(result.events, job=result.job)
-        self.notifier.publish(job_topic(result.job.id))
-        if result.deliveries:  # the sender sleeps otherwise: most jobs have no webhook
-            self.notifier.publish(DELIVERIES_AVAILABLE)
+        self._announce(result.job.id, result.events, result.deliveries, result.job)
         return result.job
+
+    def _announce(
+        self, job_id: str, events: list[Event], deliveries: int, job: Job | None = None
+    ) -> None:
+        """Tell this process what a committed write did: the streams, the long-polls, and (only
+        when the outbox got messages; most jobs have no webhook) the webhook sender."""
+        self.live.publish_events(events, job=job)
+        self.notifier.publish(job_topic(job_id))
+        if deliveries:
+            self.notifier.publish(DELIVERIES_AVAILABLE)

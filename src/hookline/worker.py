@@ -150,12 +150,16 @@ class Worker:
         token = new_id("lease")
         jobs = await self.queue.claim(name, want, token)
         for job in jobs:
-            running = RunningJob(job, token, self.queue.live)
-            self.running[job.id] = running
-            self.queue.live.running.add(job.id)
             self._active[name] += 1
-            running.task = asyncio.create_task(self._execute(running), name=f"job-{job.id}")
+            self._start(RunningJob(job, token, self.queue.live))
         return len(jobs) == want
+
+    def _start(self, running: RunningJob) -> asyncio.Task[None]:
+        job_id = running.job.id
+        self.running[job_id] = running
+        self.queue.live.running.add(job_id)
+        running.task = asyncio.create_task(self._execute(running), name=f"job-{job_id}")
+        return running.task
 
     # --- jobs handed over at accept time (the OpenAI facade's streams)
 
@@ -180,12 +184,8 @@ class Worker:
         """Run a job accepted already claimed under ``lease_token`` in the slot :meth:`reserve`
         took: no claim transaction, no wait for the claim loop. With ``accepted`` the job is
         still being written: the upstream call starts now, and is aborted if it resolves False."""
-        running = RunningJob(job, lease_token, self.queue.live, accepted=accepted)
-        self.running[job.id] = running
-        self.queue.live.running.add(job.id)
-        running.task = asyncio.create_task(self._execute(running), name=f"job-{job.id}")
+        task = self._start(RunningJob(job, lease_token, self.queue.live, accepted=accepted))
         if accepted is not None:
-            task = running.task
 
             def settle(future: asyncio.Future[bool]) -> None:
                 if future.cancelled() or not future.result():
