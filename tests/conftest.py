@@ -94,7 +94,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         shutil.copy(request.getfixturevalue("sqlite_template"), path)
         yield f"sqlite:///{path}"
         return
-    template = request.getfixturevalue("postgres_template")
+    yield from _postgres_database(request.getfixturevalue("postgres_template"))
+
+
+@pytest.fixture
+def postgres_url(postgres_template: str) -> Iterator[str]:
+    """A migrated, empty PostgreSQL database private to the test (for the scale-out tests)."""
+    yield from _postgres_database(postgres_template)
+
+
+def _postgres_database(template: str) -> Iterator[str]:
     name = f"hookline_t_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin(f"CREATE DATABASE {name} TEMPLATE {template}"))
     yield _with_database(POSTGRES_URL, name)
@@ -174,9 +183,11 @@ class LiveGateway:
 
 
 @contextlib.asynccontextmanager
-async def serve(settings: Settings, clock: Clock | None = None) -> AsyncIterator[LiveGateway]:
+async def serve(
+    settings: Settings, clock: Clock | None = None, *, run_worker: bool = True
+) -> AsyncIterator[LiveGateway]:
     """Run a gateway with uvicorn on a free loopback port, in this event loop."""
-    gateway = Gateway(settings, clock=clock)
+    gateway = Gateway(settings, clock=clock, run_worker=run_worker)
     await gateway.start()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

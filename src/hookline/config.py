@@ -130,6 +130,14 @@ class StreamsConfig(_Section):
     poll_seconds: float = Field(default=0.5, gt=0)
 
 
+class RetentionConfig(_Section):
+    # Finished jobs (with their events) and settled webhook messages (with their attempt log)
+    # older than this are deleted in the background; 0 keeps everything.
+    days: float = Field(default=30.0, ge=0)
+    interval_seconds: float = Field(default=600.0, gt=0)
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+
+
 class Settings(_Section):
     database_url: str = DEFAULT_DATABASE_URL
     host: str = "127.0.0.1"
@@ -142,6 +150,7 @@ class Settings(_Section):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     streams: StreamsConfig = Field(default_factory=StreamsConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     _routes: dict[str, UpstreamConfig] = PrivateAttr(default_factory=dict)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from hookline.auth import KeyRing
+from hookline.broadcast import Broadcast
 from hookline.clock import Clock, SystemClock
 from hookline.config import Settings
 from hookline.notify import Notifier
@@ -44,7 +45,7 @@ class Gateway:
         self.worker: Worker | None = None
         self.sender: WebhookSender | None = None
         self.address_policy = AddressPolicy(settings.webhooks)
-        self._relays: list[RelayServer | RelayClient] = []
+        self._relays: list[RelayServer | RelayClient | Broadcast] = []
 
     @property
     def store(self) -> SQLStore:
@@ -65,6 +66,7 @@ class Gateway:
         self._store = await open_store(self.settings.database_url, migrate=migrate)
         self._queue = JobQueue(self._store, self.settings, clock=self.clock, notifier=self.notifier)
         self._keys = KeyRing(self._store, self.clock)
+        await self._start_relays()  # before the worker: its first wake-ups already cross
         if self.run_worker:
             self.worker = Worker(self._queue, build_upstreams(self.settings), self.settings.worker)
             await self.worker.start()
@@ -72,13 +74,18 @@ class Gateway:
                 self._store.webhooks, self.settings.webhooks, self.clock, self.notifier
             )
             await self.sender.start()
-        await self._start_relays()
         upstreams = ", ".join(f"{u.name} ({u.type})" for u in self.settings.upstreams) or "none"
         log.info("hookline started: database %s, upstreams: %s", self._store.dialect, upstreams)
 
     async def _start_relays(self) -> None:
-        """On SQLite, live output crosses between the processes sharing the file (on PostgreSQL,
-        processes may be on several machines: see hookline.relay)."""
+        """Wake-ups and live output cross between the processes sharing the database: over
+        LISTEN/NOTIFY on PostgreSQL (hookline.broadcast), over Unix sockets between the processes
+        sharing a SQLite file (hookline.relay)."""
+        if self.store.dialect == "postgresql":
+            broadcast = Broadcast(self.settings.database_url, self.notifier, self.queue.live)
+            self._relays.append(broadcast)
+            await broadcast.start()
+            return
         path = sqlite_path(self.settings.database_url)
         if path is None:
             return
@@ -92,15 +99,15 @@ class Gateway:
 
     async def stop(self) -> None:
         """Drain the worker, finish pending accepts, close the database. Safe to call twice."""
-        for relay in self._relays:
-            await relay.stop()
-        self._relays = []
         if self.worker is not None:
             await self.worker.stop()
             self.worker = None
         if self.sender is not None:
             await self.sender.stop()
             self.sender = None
+        for relay in self._relays:  # after the drain: a requeued job wakes the other workers
+            await relay.stop()
+        self._relays = []
         if self._queue is not None:
             await self._queue.close()
             self._queue = None

@@ -91,6 +91,11 @@ class Subscription:
             return False
         return True
 
+    def mark_lagged(self) -> None:
+        """Messages meant for this watcher were lost: it re-reads the store."""
+        self.lagged = True
+        self._ready.set()
+
     def close(self) -> None:
         self._hub._unsubscribe(self._key, self)
 
@@ -104,6 +109,9 @@ class LiveHub:
         # Called with every message published here (not with relayed ones): the relay to other
         # processes (hookline.relay).
         self.taps: list[Callable[[Message], None]] = []
+        # Called with the key (``job:<id>``, ``tenant:<t>``) of each new subscription: on
+        # PostgreSQL, other processes are asked to forward that key's messages (hookline.broadcast).
+        self.watch_hooks: list[Callable[[str], None]] = []
         # Jobs this process's worker is running: their events all pass through here, so their
         # streams need not re-read the store to find what other processes wrote.
         self.running: set[str] = set()
@@ -114,13 +122,13 @@ class LiveHub:
 
     def watch_job(self, job_id: str) -> tuple[Subscription, list[LiveDelta]]:
         """Subscribe to one job; also returns the live text not yet durable, as deltas."""
-        return self._subscribe(f"job:{job_id}"), self._unwritten([job_id])
+        return self._subscribe(f"job:{job_id}"), self.unwritten([job_id])
 
     def live_text(self) -> list[LiveDelta]:
         """Every running job's text not written yet, as deltas (for a relay that just joined)."""
-        return self._unwritten(list(self._tails))
+        return self.unwritten(list(self._tails))
 
-    def _unwritten(self, job_ids: list[str]) -> list[LiveDelta]:
+    def unwritten(self, job_ids: list[str]) -> list[LiveDelta]:
         return [
             LiveDelta(job_id, "", attempt, index, tail.start, "".join(tail.parts))
             for job_id in job_ids
@@ -135,6 +143,8 @@ class LiveHub:
     def _subscribe(self, key: str) -> Subscription:
         subscription = Subscription(self, key)
         self._watchers.setdefault(key, set()).add(subscription)
+        for hook in self.watch_hooks:
+            hook(key)
         return subscription
 
     def _unsubscribe(self, key: str, subscription: Subscription) -> None:
@@ -146,6 +156,15 @@ class LiveHub:
 
     def watching(self, job_id: str) -> bool:
         return f"job:{job_id}" in self._watchers
+
+    def watched_keys(self) -> list[str]:
+        """The keys somebody here subscribes to (``job:<id>``, ``tenant:<t>``)."""
+        return list(self._watchers)
+
+    def poke(self, key: str) -> None:
+        """Messages for ``key`` may have been lost on the way here: its watchers re-read the store."""
+        for subscription in self._watchers.get(key, ()):
+            subscription.mark_lagged()
 
     # --- publishers
 

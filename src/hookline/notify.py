@@ -2,8 +2,9 @@
 
 Topics used: ``jobs.available`` (a job became runnable: wakes the worker's claim loop),
 ``job:<id>`` (the job changed: wakes long-polls) and ``job.cancelled`` (payload: the job id; the
-worker aborts the upstream call). Processes that share a database but not memory fall back to
-polling at ``worker.poll_seconds``; the waits here always take a timeout for that reason.
+worker aborts the upstream call). On PostgreSQL, :mod:`hookline.broadcast` carries
+publishes between processes (LISTEN/NOTIFY); processes that share a SQLite file fall back to
+polling at ``worker.poll_seconds``, and the waits here always take a timeout for that reason.
 """
 
 from __future__ import annotations
@@ -23,9 +24,15 @@ class Notifier:
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
         self._listeners: defaultdict[str, list[Listener]] = defaultdict(list)
+        # Called with each topic published here (not with those received from elsewhere): on
+        # PostgreSQL, the broadcast to the other processes (hookline.broadcast).
+        self.forward: Callable[[str, str], None] | None = None
 
-    def publish(self, topic: str, payload: str = "") -> None:
-        """Wake every waiter on ``topic`` and call its listeners with ``payload``."""
+    def publish(self, topic: str, payload: str = "", *, remote: bool = False) -> None:
+        """Wake every waiter on ``topic`` and call its listeners with ``payload``. ``remote``:
+        the publish came from another process, so it is not sent on again."""
+        if self.forward is not None and not remote:
+            self.forward(topic, payload)
         event = self._events.pop(topic, None)
         if event is not None:
             event.set()

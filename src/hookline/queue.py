@@ -95,9 +95,15 @@ class JobQueue:
         self.clock = clock or SystemClock()
         self.notifier = notifier or Notifier()
         self.live = LiveHub()  # committed events and live output, to the streams in this process
+        # Each upstream's max_concurrency holds across all processes: claims (and accepts of
+        # jobs already claimed) count the running jobs in the store.
+        self.running_limits = {u.name: u.max_concurrency for u in settings.upstreams}
         self._writer: WriteBatcher[tuple[Job, list[NewEvent]], AcceptOutcome] = WriteBatcher(
-            store.insert_jobs, name="hookline-accept-writer"
+            self._insert_jobs, name="hookline-accept-writer"
         )
+
+    async def _insert_jobs(self, items: list[tuple[Job, list[NewEvent]]]) -> list[AcceptOutcome]:
+        return await self.store.insert_jobs(items, self.running_limits)
 
     async def close(self) -> None:
         await self._writer.stop()
@@ -118,7 +124,8 @@ class JobQueue:
         different request. ``job_id`` (a fresh ``new_id("job")``) lets a caller watch the job's
         live events before it exists. With ``lease_token`` the job is accepted already claimed
         (running, its first attempt started, leased under that token): a worker in this process
-        that reserved room for it runs it at once, without a claim. ``on_built`` is called with
+        that reserved room for it runs it at once, without a claim; unless its upstream already
+        runs ``max_concurrency`` jobs across all processes, in which case it comes back queued. ``on_built`` is called with
         that job before it is written, so the worker can start the upstream call while the accept
         commits (it must write nothing about the job until told the accept succeeded).
         """
@@ -175,7 +182,8 @@ class JobQueue:
             if existing is None:  # the other job vanished again: only retention could do that
                 raise Conflict("idempotency key collided with a job that no longer exists")
             return self._replayed(existing, fingerprint), False
-        if lease_token is None:
+        job = outcome.job  # queued after all when its upstream had no room to run it now
+        if job.lease_token is None:
             self.notifier.publish(JOBS_AVAILABLE)
         if outcome.deliveries:
             self.notifier.publish(DELIVERIES_AVAILABLE)
@@ -252,6 +260,7 @@ class JobQueue:
             now=now,
             lease_token=lease_token,
             lease_expires_at=now + self._lease_ms,
+            max_running=self.running_limits.get(upstream),
         )
         for result in claimed:
             self._published(result)
@@ -366,6 +375,26 @@ class JobQueue:
             if self._published(result) is not None:
                 expired += 1
         return expired
+
+    async def delete_old_history(self) -> tuple[int, int]:
+        """Delete finished jobs (with their events) and settled webhook messages (with their
+        attempts) older than the retention, in short transactions of ``batch_size`` rows, so
+        no lock is held for long. Returns (jobs, messages) deleted."""
+        retention = self.settings.retention
+        if retention.days <= 0:
+            return 0, 0
+        before = self.clock.now_ms() - int(retention.days * 86_400_000)
+        counts = []
+        for delete in (self.store.delete_finished_jobs, self.store.delete_settled_deliveries):
+            total = 0
+            while True:
+                deleted = await delete(before, retention.batch_size)
+                total += deleted
+                if deleted < retention.batch_size:
+                    break
+                await asyncio.sleep(0.01)  # other writers get the database between batches
+            counts.append(total)
+        return counts[0], counts[1]
 
     async def recover_lapsed_leases(self, limit: int = 500) -> int:
         """Requeue (or fail, when out of attempts) running jobs whose worker stopped renewing."""

@@ -39,9 +39,10 @@ def relay_directory(database_path: str) -> Path:
     return Path(tempfile.gettempdir()) / f"hookline-live-{digest}"
 
 
-def encode(message: Message) -> bytes:
+def pack(message: Message) -> dict[str, Any]:
+    """A message as plain JSON data (the relays' wire format)."""
     if isinstance(message, LiveDelta):
-        body: dict[str, Any] = {
+        return {
             "d": [
                 message.job_id,
                 message.tenant,
@@ -51,21 +52,26 @@ def encode(message: Message) -> bytes:
                 message.text,
             ]
         }
-    else:
-        body = {
-            "e": [message.id, message.job_id, message.tenant, message.seq, message.type.value,
-                  message.data, message.created_at]
-        }  # fmt: skip
-    return orjson.dumps(body) + b"\n"
+    return {
+        "e": [message.id, message.job_id, message.tenant, message.seq, message.type.value,
+              message.data, message.created_at]
+    }  # fmt: skip
 
 
-def decode(line: bytes) -> Message:
-    body = orjson.loads(line)
+def unpack(body: dict[str, Any]) -> Message:
     if "d" in body:
         job_id, tenant, attempt, index, offset, text = body["d"]
         return LiveDelta(job_id, tenant, attempt, index, offset, text)
     event_id, job_id, tenant, seq, type_, data, created_at = body["e"]
     return Event(event_id, job_id, tenant, seq, EventType(type_), data, created_at)
+
+
+def encode(message: Message) -> bytes:
+    return orjson.dumps(pack(message)) + b"\n"
+
+
+def decode(line: bytes) -> Message:
+    return unpack(orjson.loads(line))
 
 
 class RelayServer:

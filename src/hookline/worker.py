@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 from collections import Counter
 from typing import Any
 
@@ -52,12 +53,25 @@ class RunningJob:
         )
 
     def add_delta(self, index: int, text: str) -> None:
-        """Called per upstream chunk: straight to live watchers, and buffered for the log."""
+        """Called per upstream chunk: straight to live watchers, and buffered for the log.
+        Text of a job still being accepted is only buffered: nobody may see output of a job
+        that might never exist (see :meth:`publish_held`)."""
         offset = self.produced.get(index, 0)
         self.produced[index] = offset + len(text)
         self.pending.setdefault(index, []).append(text)
+        if self.on_disk:
+            job = self.job
+            self.live.publish_delta(
+                LiveDelta(job.id, job.tenant, job.attempts, index, offset, text)
+            )
+
+    def publish_held(self) -> None:
+        """The accept committed: show the text produced meanwhile (nothing is flushed yet)."""
         job = self.job
-        self.live.publish_delta(LiveDelta(job.id, job.tenant, job.attempts, index, offset, text))
+        for index, parts in sorted(self.pending.items()):
+            if parts:
+                delta = LiveDelta(job.id, job.tenant, job.attempts, index, 0, "".join(parts))
+                self.live.publish_delta(delta)
 
     def take_deltas(self) -> list[NewEvent]:
         if not self.pending:
@@ -100,6 +114,7 @@ class Worker:
             asyncio.create_task(self._flush_loop(), name="hookline-flush"),
             asyncio.create_task(self._heartbeat_loop(), name="hookline-heartbeat"),
             asyncio.create_task(self._maintenance_loop(), name="hookline-maintenance"),
+            asyncio.create_task(self._retention_loop(), name="hookline-retention"),
         ]
 
     async def stop(self, grace: float | None = None) -> None:
@@ -184,12 +199,15 @@ class Worker:
         """Run a job accepted already claimed under ``lease_token`` in the slot :meth:`reserve`
         took: no claim transaction, no wait for the claim loop. With ``accepted`` the job is
         still being written: the upstream call starts now, and is aborted if it resolves False."""
-        task = self._start(RunningJob(job, lease_token, self.queue.live, accepted=accepted))
+        running = RunningJob(job, lease_token, self.queue.live, accepted=accepted)
+        task = self._start(running)
         if accepted is not None:
 
             def settle(future: asyncio.Future[bool]) -> None:
                 if future.cancelled() or not future.result():
-                    task.cancel()  # never written: nothing to record, nothing to send
+                    task.cancel()  # never written (or not as ours): nothing to record or send
+                else:
+                    running.publish_held()
 
             accepted.add_done_callback(settle)
 
@@ -226,6 +244,18 @@ class Worker:
                 log.warning("queue maintenance failed: %s", exc)
             await asyncio.sleep(self.config.maintenance_seconds)
 
+    async def _retention_loop(self) -> None:
+        interval = self.queue.settings.retention.interval_seconds
+        await asyncio.sleep(random.uniform(0, interval))  # workers started together spread out
+        while True:
+            try:
+                jobs, messages = await self.queue.delete_old_history()
+                if jobs or messages:
+                    log.info("retention: deleted %d jobs and %d webhook messages", jobs, messages)
+            except StoreError as exc:
+                log.warning("retention cleanup failed: %s", exc)
+            await asyncio.sleep(interval)
+
     # --- one job
 
     def _abort(self, job_id: str) -> None:
@@ -253,9 +283,10 @@ class Worker:
             if running.releasing and running.on_disk:
                 await _quietly(self.queue.release(job, token, "worker stopped; job requeued"))
         finally:
-            self.queue.live.running.discard(job.id)
-            self.queue.live.forget(job.id)
-            self.running.pop(job.id, None)
+            if self.running.get(job.id) is running:  # else: it is already running again here
+                self.queue.live.running.discard(job.id)
+                self.queue.live.forget(job.id)
+                del self.running[job.id]
             self._active[job.upstream] -= 1
             self._wake.set()
 

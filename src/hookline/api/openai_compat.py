@@ -152,8 +152,9 @@ async def _accept(
     - a stream watches the job before it exists, so the first token goes out the moment it
       arrives (no read of the store first);
     - when this process's worker has room, the job is accepted already claimed (no claim
-      transaction before the upstream call), and without an idempotency key (a replay would be
-      another job) the upstream call even starts while the accept commits.
+      transaction before the upstream call), unless the upstream's limit is reached across all
+      processes; on SQLite and without an idempotency key (a replay would be another job), the
+      upstream call even starts while the accept commits (its text is shown once it has).
     """
     submission = call.submission
     upstream = submission.upstream
@@ -164,7 +165,12 @@ async def _accept(
     worker = gateway.worker if not call.respond_async else None
     lease_token = new_id("lease") if worker is not None and worker.reserve(upstream) else None
     accepted: asyncio.Future[bool] | None = None
-    if worker is not None and lease_token is not None and submission.idempotency_key is None:
+    if (
+        worker is not None
+        and lease_token is not None
+        and submission.idempotency_key is None
+        and gateway.store.dialect == "sqlite"
+    ):  # on PostgreSQL other processes share the upstream's limit: no call before the count
         accepted = asyncio.get_running_loop().create_future()
 
     def start(built: Job) -> None:
@@ -187,10 +193,11 @@ async def _accept(
         elif worker is not None and lease_token is not None:
             worker.unreserve(upstream)
         raise
+    claimed = created and job.lease_token == lease_token  # else: queued, the upstream was full
     if accepted is not None:
-        accepted.set_result(created)
+        accepted.set_result(claimed)
     elif worker is not None and lease_token is not None:
-        if created:
+        if claimed:
             worker.adopt(job, lease_token)
         else:
             worker.unreserve(upstream)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from hookline.events import Event, NewEvent
@@ -20,7 +20,7 @@ from hookline.jobs import Job, JobStatus
 class AcceptOutcome:
     """Result of inserting one new job: ``duplicate`` when its idempotency key was already taken."""
 
-    job: Job
+    job: Job  # as inserted: queued, when a job accepted running had no room (see insert_jobs)
     duplicate: bool = False
     deliveries: int = 0  # webhook messages its transaction wrote (for the whole batch)
 
@@ -62,13 +62,17 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def insert_jobs(
-        self, items: Sequence[tuple[Job, NewEvent | Sequence[NewEvent]]]
+        self,
+        items: Sequence[tuple[Job, NewEvent | Sequence[NewEvent]]],
+        running_limits: Mapping[str, int] | None = None,
     ) -> list[AcceptOutcome]:
         """Insert new jobs with their first events (the last has ``job.event_seq``), in as few
         transactions as possible.
 
         An item whose ``(tenant, idempotency_key)`` exists already is not inserted and comes back with
-        ``duplicate=True``; the others are inserted regardless.
+        ``duplicate=True``; the others are inserted regardless. A job accepted already running
+        (claimed by the accepting process) is inserted queued instead, with only its first event,
+        when its upstream already runs its ``running_limits`` number of jobs.
         """
 
     @abc.abstractmethod
@@ -109,11 +113,14 @@ class Store(abc.ABC):
         now: int,
         lease_token: str,
         lease_expires_at: int,
+        max_running: int | None = None,
     ) -> list[Transitioned]:
         """Move up to ``limit`` runnable queued jobs of ``upstream`` to running under ``lease_token``.
 
         Highest priority first, then oldest first. Each claimed job gets ``attempts + 1`` and a
-        ``job.started`` event. Jobs whose TTL has passed are never claimed.
+        ``job.started`` event. Jobs whose TTL has passed are never claimed. With ``max_running``,
+        no more are claimed than keep the upstream's running jobs, across every process, at most
+        that many.
         """
 
     @abc.abstractmethod
@@ -160,3 +167,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def lapsed_leases(self, now: int, limit: int) -> list[Job]:
         """Running jobs whose lease ran out (their worker died or stalled)."""
+
+    # Retention
+
+    @abc.abstractmethod
+    async def delete_finished_jobs(self, before: int, limit: int) -> int:
+        """Delete up to ``limit`` jobs finished before ``before``, with their events, in one
+        short transaction; the number deleted."""
+
+    @abc.abstractmethod
+    async def delete_settled_deliveries(self, before: int, limit: int) -> int:
+        """Delete up to ``limit`` webhook messages settled before ``before``, with their attempt
+        log, in one short transaction; the number deleted."""

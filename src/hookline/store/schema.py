@@ -69,6 +69,13 @@ jobs = sa.Table(
     # The claim query: next runnable job of one upstream, highest priority first, then FIFO.
     sa.Index("ix_jobs_claim", "status", "upstream", sa.desc("priority"), "id"),
     sa.Index("ix_jobs_tenant_id", "tenant", "id"),
+    # Retention: the oldest finished jobs first.
+    sa.Index(
+        "ix_jobs_finished",
+        "finished_at",
+        sqlite_where=sa.text("finished_at IS NOT NULL"),
+        postgresql_where=sa.text("finished_at IS NOT NULL"),
+    ),
     sa.Index(
         "ix_jobs_running_lease",
         "lease_expires_at",
@@ -160,6 +167,13 @@ deliveries = sa.Table(
     sa.Index("ix_deliveries_order", "order_key", "status", "id"),
     sa.Index("ix_deliveries_tenant", "tenant", "id"),
     sa.Index("ix_deliveries_endpoint", "endpoint_id", "status", "id"),
+    # Retention: the messages settled longest ago first.
+    sa.Index(
+        "ix_deliveries_settled",
+        "updated_at",
+        sqlite_where=sa.text("status <> 'pending'"),
+        postgresql_where=sa.text("status <> 'pending'"),
+    ),
 )
 
 delivery_attempts = sa.Table(

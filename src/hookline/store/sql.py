@@ -6,7 +6,7 @@ functions at the top.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -39,6 +39,21 @@ def _claimable_ids(upstream: str, limit: int, now: int) -> sa.Select[tuple[str]]
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
+
+
+def _running_count(conn: Connection, upstream: str) -> int:
+    """Jobs of ``upstream`` running anywhere. On PostgreSQL it first takes a transaction lock per
+    upstream, so concurrent claimers count one after the other and the global limit holds (on
+    SQLite, write transactions run one at a time already)."""
+    if conn.dialect.name == "postgresql":
+        key = sa.func.hashtext(sa.literal(f"hookline.running:{upstream}"))
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+    count = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(jobs)
+        .where(jobs.c.status == JobStatus.RUNNING.value, jobs.c.upstream == upstream)
+    ).scalar_one()
+    return int(count)
 
 
 def _claim(ids: sa.Select[tuple[str]], now: int, lease_token: str, lease_expires_at: int) -> Any:
@@ -100,6 +115,37 @@ _BUMP_SEQ_IF_HELD = (
 
 
 _insert_events = sa.insert(events).returning(*events.c)
+
+
+def _within_running_limits(
+    conn: Connection,
+    items: Sequence[tuple[Job, NewEvent | Sequence[NewEvent]]],
+    running_limits: Mapping[str, int],
+) -> Sequence[tuple[Job, NewEvent | Sequence[NewEvent]]]:
+    """The items, with jobs accepted already running turned back into queued ones where their
+    upstream has no room left (they wait for a claim like any other)."""
+    if all(job.status is not JobStatus.RUNNING for job, _ in items):
+        return items
+    room: dict[str, int] = {}
+    kept: list[tuple[Job, NewEvent | Sequence[NewEvent]]] = []
+    for job, given in items:
+        limit = running_limits.get(job.upstream)
+        if job.status is not JobStatus.RUNNING or limit is None:
+            kept.append((job, given))
+            continue
+        if job.upstream not in room:
+            room[job.upstream] = limit - _running_count(conn, job.upstream)
+        room[job.upstream] -= 1
+        if room[job.upstream] >= 0:
+            kept.append((job, given))
+            continue
+        first = given if isinstance(given, NewEvent) else given[0]
+        queued = job.evolve(
+            status=JobStatus.QUEUED, attempts=0, started_at=None, lease_token=None,
+            lease_expires_at=None, event_seq=1,
+        )  # fmt: skip
+        kept.append((queued, first))
+    return kept
 
 
 def _event_row(job_id: str, tenant: str, seq: int, event: NewEvent, now: int) -> dict[str, Any]:
@@ -172,16 +218,21 @@ class SQLStore(Store):
     # Jobs
 
     async def insert_jobs(
-        self, items: Sequence[tuple[Job, NewEvent | Sequence[NewEvent]]]
+        self,
+        items: Sequence[tuple[Job, NewEvent | Sequence[NewEvent]]],
+        running_limits: Mapping[str, int] | None = None,
     ) -> list[AcceptOutcome]:
         if not items:
             return []
 
         def insert(conn: Connection) -> list[AcceptOutcome]:
-            conn.execute(sa.insert(jobs), [job.as_row() for job, _ in items])
+            batch = items
+            if running_limits is not None:
+                batch = _within_running_limits(conn, items, running_limits)
+            conn.execute(sa.insert(jobs), [job.as_row() for job, _ in batch])
             # No RETURNING: nothing on the accept path needs the event's id, and it costs.
             rows: list[tuple[Job, dict[str, Any]]] = []
-            for job, given in items:
+            for job, given in batch:
                 new = [given] if isinstance(given, NewEvent) else list(given)
                 first = job.event_seq - len(new) + 1
                 rows += [
@@ -191,14 +242,14 @@ class SQLStore(Store):
             conn.execute(sa.insert(events), [row for _, row in rows])
             # The hot path: most jobs have no webhook and most tenants no endpoints, so only
             # the jobs that someone listens to are turned into events for the outbox.
-            subscribed = endpoints_by_tenant(conn, {job.tenant for job, _ in items})
+            subscribed = endpoints_by_tenant(conn, {job.tenant for job, _ in batch})
             reported = [
                 (Event.from_row({"id": 0, **row}), job, job.webhook)
                 for job, row in rows
                 if job.webhook or job.tenant in subscribed
             ]
-            written = enqueue_deliveries(conn, reported, items[0][0].created_at, subscribed)
-            return [AcceptOutcome(job, deliveries=written) for job, _ in items]
+            written = enqueue_deliveries(conn, reported, batch[0][0].created_at, subscribed)
+            return [AcceptOutcome(job, deliveries=written) for job, _ in batch]
 
         try:
             return await self.database.write(insert)
@@ -210,7 +261,7 @@ class SQLStore(Store):
         # Some item of the batch reused an idempotency key: insert them one at a time instead.
         outcomes: list[AcceptOutcome] = []
         for item in items:
-            outcomes.extend(await self.insert_jobs([item]))
+            outcomes.extend(await self.insert_jobs([item], running_limits))
         return outcomes
 
     async def _one_job(self, query: sa.Select[Any]) -> Job | None:
@@ -277,12 +328,20 @@ class SQLStore(Store):
         now: int,
         lease_token: str,
         lease_expires_at: int,
+        max_running: int | None = None,
     ) -> list[Transitioned]:
         if limit <= 0:
             return []
-        statement = _claim(_claimable_ids(upstream, limit, now), now, lease_token, lease_expires_at)
 
         def claim(conn: Connection) -> list[Transitioned]:
+            room = limit
+            if max_running is not None:
+                room = min(limit, max_running - _running_count(conn, upstream))
+                if room <= 0:
+                    return []
+            statement = _claim(
+                _claimable_ids(upstream, room, now), now, lease_token, lease_expires_at
+            )
             claimed = [Job.from_row(row) for row in conn.execute(statement).mappings()]
             claimed.sort(key=lambda job: (-job.priority, job.id))
             results = []
@@ -400,6 +459,27 @@ class SQLStore(Store):
         return await self.database.read(
             lambda conn: [Job.from_row(row) for row in conn.execute(query).mappings()]
         )
+
+    async def delete_finished_jobs(self, before: int, limit: int) -> int:
+        oldest = (
+            sa.select(jobs.c.id)
+            .where(jobs.c.finished_at.is_not(None), jobs.c.finished_at < before)
+            .order_by(jobs.c.finished_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+
+        def delete(conn: Connection) -> int:
+            ids = list(conn.execute(oldest).scalars())
+            if ids:
+                conn.execute(sa.delete(events).where(events.c.job_id.in_(ids)))
+                conn.execute(sa.delete(jobs).where(jobs.c.id.in_(ids)))
+            return len(ids)
+
+        return await self.database.write(delete)
+
+    async def delete_settled_deliveries(self, before: int, limit: int) -> int:
+        return await self.webhooks.delete_settled(before, limit)
 
 
 async def open_store(database_url: str, *, migrate: bool = True) -> SQLStore:

@@ -372,6 +372,29 @@ class DeliveryStore:
         )
         return await self.database.write(lambda conn: conn.execute(statement).rowcount)
 
+    async def delete_settled(self, before: int, limit: int) -> int:
+        """Delete up to ``limit`` messages settled (sent or failed for good) before ``before``,
+        with their attempt log; the number deleted. Call again while it returns ``limit``."""
+        oldest = (
+            sa.select(deliveries.c.id)
+            # A literal status, so that the partial index ix_deliveries_settled applies.
+            .where(deliveries.c.status != sa.literal_column("'pending'"))
+            .where(deliveries.c.updated_at < before)
+            .order_by(deliveries.c.updated_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+
+        def delete(conn: Connection) -> int:
+            ids = list(conn.execute(oldest).scalars())
+            if ids:
+                attempts = delivery_attempts.c.delivery_id
+                conn.execute(sa.delete(delivery_attempts).where(attempts.in_(ids)))
+                conn.execute(sa.delete(deliveries).where(deliveries.c.id.in_(ids)))
+            return len(ids)
+
+        return await self.database.write(delete)
+
 
 def _update_endpoint_health(
     conn: Connection, endpoint_id: str, outcome: AttemptOutcome, now: int

@@ -1,0 +1,241 @@
+"""Wake-ups and live output between processes on PostgreSQL, over LISTEN/NOTIFY.
+
+API and worker processes may run on many machines against one PostgreSQL and share nothing else.
+Each opens one dedicated connection that LISTENs on channel ``hookline`` and NOTIFYs it:
+
+- every notifier topic published here (``jobs.available``, ``job:<id>``, ``job.cancelled``,
+  ``deliveries.available``) is published in every other process: a worker claims a job the moment
+  another process accepted it, a long-poll returns the moment a worker elsewhere finished the job,
+  a cancel aborts the upstream call wherever it runs, an idle sender wakes for a new message;
+- live messages (output text per upstream chunk, committed events) of the jobs and tenants that
+  some other process watches, so a stream served by one process follows a job run by another
+  token by token. A process announces what its streams watch (renewed every ``_RENEW_SECONDS``,
+  forgotten ``_WATCH_SECONDS`` after the last renewal), and the others forward only that; a job
+  newly watched gets its not-yet-written text at once.
+
+Whatever is queued while a NOTIFY is on its way goes out together in the next (several NOTIFYs
+when it would pass PostgreSQL's 8000-byte payload limit). NOTIFY is not durable and the connection
+can drop, so nothing depends on it for correctness: streams re-read the store on a gap or a quiet
+spell, the claim loop and the sender poll, and after a reconnect every watcher re-reads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Any
+
+import asyncpg
+import orjson
+from sqlalchemy.engine import make_url
+
+from hookline.events import Event
+from hookline.live import LiveDelta, LiveHub, Message
+from hookline.notify import DELIVERIES_AVAILABLE, Notifier
+from hookline.queue import JOBS_AVAILABLE
+from hookline.relay import pack, unpack
+
+log = logging.getLogger("hookline.broadcast")
+
+CHANNEL = "hookline"
+_MAX_PAYLOAD = 7_800  # bytes; PostgreSQL refuses a NOTIFY payload of 8000 or more
+_TEXT_PIECE = 1_000  # characters of one delta per item: even escaped, well under the limit
+_PING_SECONDS = 5.0  # an idle connection is checked this often (a dead one is replaced)
+_RENEW_SECONDS = 10.0
+_WATCH_SECONDS = 30.0
+_RECONNECT_MAX_SECONDS = 5.0
+
+
+def notify_dsn(database_url: str) -> str:
+    """The plain ``postgresql://`` DSN asyncpg takes, from hookline's database URL."""
+    url = make_url(database_url).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
+
+
+class Broadcast:
+    def __init__(self, database_url: str, notifier: Notifier, hub: LiveHub) -> None:
+        self.dsn = notify_dsn(database_url)
+        self.notifier = notifier
+        self.hub = hub
+        self.origin = secrets.token_hex(6)  # this process's mark: its own NOTIFYs come back to it
+        self.connected = asyncio.Event()
+        self._items: list[bytes] = []  # JSON items waiting for the next NOTIFY
+        self._ready = asyncio.Event()
+        self._remote_watches: dict[str, float] = {}  # key -> loop time the watch lapses
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.notifier.forward = self._forward_topic
+        self.hub.taps.append(self._tap)
+        self.hub.watch_hooks.append(self._announce_watch)
+        self._task = asyncio.create_task(self._run(), name="hookline-broadcast")
+        with contextlib.suppress(TimeoutError):  # not fatal: the connection is retried
+            async with asyncio.timeout(_PING_SECONDS):
+                await self.connected.wait()
+
+    async def stop(self) -> None:
+        self.notifier.forward = None
+        with contextlib.suppress(ValueError):
+            self.hub.taps.remove(self._tap)
+        with contextlib.suppress(ValueError):
+            self.hub.watch_hooks.remove(self._announce_watch)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    # --- what goes out
+
+    def _queue(self, item: list[Any]) -> None:
+        if not self.connected.is_set():
+            return  # nobody to tell: after the reconnect, everyone re-reads (see _resync)
+        self._items.append(orjson.dumps(item))
+        self._ready.set()
+
+    def _forward_topic(self, topic: str, payload: str) -> None:
+        self._queue(["t", topic, payload])
+
+    def _announce_watch(self, key: str) -> None:
+        self._queue(["w", key])  # a new watcher: it also wants the text not written yet
+
+    def _watched_elsewhere(self, key: str) -> bool:
+        lapses = self._remote_watches.get(key)
+        if lapses is None:
+            return False
+        if lapses < asyncio.get_running_loop().time():
+            del self._remote_watches[key]
+            return False
+        return True
+
+    def _tap(self, message: Message) -> None:
+        if isinstance(message, LiveDelta):
+            if self._watched_elsewhere(f"job:{message.job_id}"):
+                self._send_delta(message)
+            return
+        keys = [f"job:{message.job_id}", f"tenant:{message.tenant}"]
+        if any(self._watched_elsewhere(key) for key in keys):
+            self._send_event(message, keys)
+
+    def _send_delta(self, delta: LiveDelta) -> None:
+        text = delta.text
+        for start in range(0, max(len(text), 1), _TEXT_PIECE):
+            piece = text[start : start + _TEXT_PIECE]
+            self._queue(["m", pack(LiveDelta(delta.job_id, delta.tenant, delta.attempt,
+                                             delta.index, delta.offset + start, piece))])  # fmt: skip
+
+    def _send_event(self, event: Event, keys: list[str]) -> None:
+        item = orjson.dumps(["m", pack(event)])
+        if not self.connected.is_set():
+            return
+        if len(item) <= _MAX_PAYLOAD - 64:
+            self._items.append(item)
+            self._ready.set()
+        else:  # too big for a NOTIFY: its watchers read it from the store
+            for key in keys:
+                self._queue(["p", key])
+
+    def _payloads(self) -> list[str]:
+        """The queued items as NOTIFY payloads, each under the size limit."""
+        items, self._items = self._items, []
+        head = b'{"o":"%s","i":[' % self.origin.encode()
+        payloads: list[str] = []
+        current: list[bytes] = []
+        size = len(head) + 2
+        for item in items:
+            if current and size + len(item) + 1 > _MAX_PAYLOAD:
+                payloads.append((head + b",".join(current) + b"]}").decode())
+                current, size = [], len(head) + 2
+            current.append(item)
+            size += len(item) + 1
+        if current:
+            payloads.append((head + b",".join(current) + b"]}").decode())
+        return payloads
+
+    # --- what comes in
+
+    def _received(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            body = orjson.loads(payload)
+            if body["o"] == self.origin:
+                return
+            for item in body["i"]:
+                self._take(item)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a malformed broadcast: %s", exc)
+
+    def _take(self, item: list[Any]) -> None:
+        kind = item[0]
+        if kind == "t":
+            self.notifier.publish(item[1], item[2], remote=True)
+        elif kind == "m":
+            message = unpack(item[1])
+            if isinstance(message, LiveDelta):
+                self.hub.publish_delta(message, relayed=True)
+            else:
+                self.hub.publish_events([message], relayed=True)
+        elif kind in ("w", "r"):
+            key = item[1]
+            self._remote_watches[key] = asyncio.get_running_loop().time() + _WATCH_SECONDS
+            if kind == "w" and key.startswith("job:"):
+                for delta in self.hub.unwritten([key.removeprefix("job:")]):
+                    self._send_delta(delta)  # what the new watcher would otherwise wait for
+        elif kind == "p":
+            self.hub.poke(item[1])
+
+    # --- the connection
+
+    async def _run(self) -> None:
+        delay = 0.1
+        first = True
+        while True:
+            try:
+                connection = await asyncpg.connect(self.dsn, timeout=_PING_SECONDS)
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                log.warning("broadcast: cannot connect to PostgreSQL (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECONNECT_MAX_SECONDS)
+                continue
+            delay = 0.1
+            try:
+                await connection.add_listener(CHANNEL, self._received)
+                self.connected.set()
+                if not first:
+                    self._resync()
+                first = False
+                await self._serve(connection)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("broadcast: connection lost (%s); reconnecting", exc)
+            finally:
+                self.connected.clear()
+                connection.terminate()
+
+    def _resync(self) -> None:
+        """After an outage anything may have been missed: wake the local waiters and every other
+        process's, and let every watcher re-read the store."""
+        for topic in (JOBS_AVAILABLE, DELIVERIES_AVAILABLE):
+            self.notifier.publish(topic)
+        for key in self.hub.watched_keys():
+            self.hub.poke(key)
+            self._announce_watch(key)
+
+    async def _serve(self, connection: asyncpg.Connection) -> None:
+        loop = asyncio.get_running_loop()
+        renew_at = loop.time() + _RENEW_SECONDS
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_PING_SECONDS):
+                    await self._ready.wait()
+            self._ready.clear()
+            if loop.time() >= renew_at:
+                renew_at = loop.time() + _RENEW_SECONDS
+                for key in self.hub.watched_keys():
+                    self._queue(["r", key])  # renewal
+            payloads = self._payloads()
+            if not payloads:
+                await connection.execute("SELECT 1", timeout=_PING_SECONDS)
+            for payload in payloads:
+                await connection.execute(
+                    "SELECT pg_notify($1, $2)", CHANNEL, payload, timeout=_PING_SECONDS
+                )

@@ -1,0 +1,112 @@
+"""Several gateways on one PostgreSQL, in this process: each has its own notifier and live hub
+and shares only the database with the others, exactly as separate processes on separate machines
+do. What crosses between them goes through PostgreSQL (LISTEN/NOTIFY and the tables).
+
+Settings make the slow fallbacks (polling every 60 s) too slow for the tests' deadlines, so a
+test passing shows the wake-up came through PostgreSQL at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from hookline.config import Settings
+from hookline.gateway import Gateway
+from tests.conftest import gateway_settings, serve
+from tests.scripted_upstream import Hang, Reply, ScriptedUpstream
+from tests.sse import read_sse
+
+CHAT = {
+    "operation": "chat.completions",
+    "model": "m",
+    "input": {"messages": [{"role": "user", "content": "x"}]},
+}
+SLOW_FALLBACKS = {"poll_seconds": 60, "heartbeat_seconds": 30, "delta_flush_seconds": 30}
+
+
+def _settings(url: str, scripted: ScriptedUpstream, **changes: Any) -> Settings:
+    settings = gateway_settings(url, scripted.base_url, worker=SLOW_FALLBACKS, **changes)
+    streams = settings.streams.model_copy(update={"poll_seconds": 60})
+    return settings.model_copy(update={"streams": streams})
+
+
+async def _workers(settings: Settings, n: int) -> AsyncIterator[list[Gateway]]:
+    gateways = [Gateway(settings, serve_api=False) for _ in range(n)]
+    try:
+        for gateway in gateways:
+            await gateway.start(migrate=False)
+        yield gateways
+    finally:
+        for gateway in gateways:
+            await gateway.stop()
+
+
+async def test_a_stream_follows_live_a_job_run_by_another_process(
+    postgres_url: str, upstream: ScriptedUpstream
+) -> None:
+    text = "".join(f"w{i} " for i in range(20))
+    upstream.script("m", Reply(text=text, chunks=20, first_token_delay=0.3, token_delay=0.03))
+    settings = _settings(postgres_url, upstream)
+    async for _ in _workers(settings, 1):
+        async with serve(settings, run_worker=False) as api:
+            job = (await api.client.post("/v1/jobs", json=CHAT)).json()
+            stream = await read_sse(api.client, f"/v1/jobs/{job['id']}/events")
+    deltas = [m.json() for m in stream.messages if m.event == "job.output.delta"]
+    assert "".join(d["data"]["text"] for d in deltas) == text
+    # The worker writes output every 30 s: text that came before the end came live, by NOTIFY.
+    live = [d for d in deltas if d["seq"] is None]
+    assert len(live) >= 5, f"only {len(live)} of {len(deltas)} deltas came live"
+    assert stream.messages[-1].event == "job.succeeded"
+
+
+async def test_claims_long_polls_and_cancels_cross_processes_at_once(
+    postgres_url: str, upstream: ScriptedUpstream
+) -> None:
+    settings = _settings(postgres_url, upstream)
+    async for _ in _workers(settings, 1):
+        async with serve(settings, run_worker=False) as api:
+            # The worker polls every 60 s: the job is claimed because the accept woke it, and
+            # the long-poll answers because the worker's success woke this process.
+            job = (await api.client.post("/v1/jobs", json=CHAT)).json()
+            done = (await api.client.get(f"/v1/jobs/{job['id']}", params={"wait": 20})).json()
+            assert done["status"] == "succeeded"
+
+            upstream.script("m", Hang(60))
+            job = (await api.client.post("/v1/jobs", json=CHAT)).json()
+            for _ in range(200):
+                if upstream.seen("m")[-1:] and len(upstream.seen("m")) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            cancelled = (await api.client.post(f"/v1/jobs/{job['id']}/cancel")).json()
+            assert cancelled["status"] == "cancelled"
+            # The lease is renewed every 30 s: the call is aborted because the cancel said so.
+            for _ in range(100):
+                if upstream.seen("m")[-1].aborted:
+                    break
+                await asyncio.sleep(0.05)
+            assert upstream.seen("m")[-1].aborted, "the worker kept calling the upstream"
+
+
+@pytest.mark.parametrize("workers", [3])
+async def test_max_concurrency_holds_across_workers(
+    postgres_url: str, upstream: ScriptedUpstream, workers: int
+) -> None:
+    upstream.script("m", Reply(first_token_delay=0.2, chunks=2))
+    settings = _settings(postgres_url, upstream, upstream={"max_concurrency": 3})
+    settings = settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"poll_seconds": 0.05})}
+    )
+    async for _ in _workers(settings, workers):
+        async with serve(settings, run_worker=False) as api:
+            ids = [(await api.client.post("/v1/jobs", json=CHAT)).json()["id"] for _ in range(15)]
+            finished = [
+                (await api.client.get(f"/v1/jobs/{job_id}", params={"wait": 30})).json()
+                for job_id in ids
+            ]
+    assert [job["status"] for job in finished] == ["succeeded"] * 15
+    assert [job["attempts"] for job in finished] == [1] * 15
+    assert upstream.max_active == 3  # reached, never passed, with 3 workers of 3 slots each
