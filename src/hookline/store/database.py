@@ -229,6 +229,15 @@ def _commit(conn: Connection) -> None:
         conn.close()
 
 
+def chosen_once(query: sa.Select[tuple[str]], name: str) -> sa.Select[tuple[str]]:
+    """``SELECT id FROM (query)``, for ``UPDATE … WHERE id IN (…)``, with ``query`` evaluated
+    exactly once. A plain ``IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)`` may be re-run by
+    PostgreSQL's plan, each run skipping the rows the last one locked, and so claim more than
+    ``n`` rows; a materialized CTE cannot be."""
+    chosen = query.cte(name).prefix_with("MATERIALIZED")
+    return sa.select(chosen.c.id)
+
+
 def sqlite_path(url: str) -> str | None:
     """The file of a ``sqlite:///`` URL (None for other databases and in-memory SQLite)."""
     try:

@@ -17,7 +17,7 @@ from hookline.errors import StoreError
 from hookline.events import Event, EventType, NewEvent
 from hookline.jobs import Job, JobStatus, sources_for
 from hookline.store.base import AcceptOutcome, Appended, Store, Transitioned
-from hookline.store.database import Database, open_database
+from hookline.store.database import Database, chosen_once, open_database
 from hookline.store.outbox import endpoints_by_tenant, enqueue_deliveries
 from hookline.store.schema import api_keys, events, jobs
 from hookline.store.webhook_sql import DeliveryStore
@@ -59,7 +59,9 @@ def _running_count(conn: Connection, upstream: str) -> int:
 def _claim(ids: sa.Select[tuple[str]], now: int, lease_token: str, lease_expires_at: int) -> Any:
     return (
         sa.update(jobs)
-        .where(jobs.c.id.in_(ids.scalar_subquery()), jobs.c.status == JobStatus.QUEUED.value)
+        .where(
+            jobs.c.id.in_(chosen_once(ids, "claimable")), jobs.c.status == JobStatus.QUEUED.value
+        )
         .values(
             status=JobStatus.RUNNING.value,
             attempts=jobs.c.attempts + 1,

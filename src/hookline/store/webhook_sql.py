@@ -12,7 +12,7 @@ from sqlalchemy import Connection
 
 from hookline.deliveries import Attempt, AttemptOutcome, Delivery, Endpoint
 from hookline.ids import new_id
-from hookline.store.database import Database
+from hookline.store.database import Database, chosen_once
 from hookline.store.outbox import FAILED, PENDING, SUCCEEDED, report_disabled
 from hookline.store.schema import deliveries, delivery_attempts, webhook_endpoints, webhook_secrets
 from hookline.webhooks import new_secret
@@ -61,7 +61,7 @@ def _build_due() -> sa.Select[tuple[str]]:
 def _leasing(due: sa.Select[tuple[str]]) -> sa.Update:
     return (
         sa.update(deliveries)
-        .where(deliveries.c.id.in_(due))
+        .where(deliveries.c.id.in_(chosen_once(due, "due")))
         .values(
             lease_token=sa.bindparam("token", type_=sa.String),
             lease_expires_at=sa.bindparam("expires", type_=sa.BigInteger),
