@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -68,6 +69,8 @@ def problem(
     )
 
 
+log = logging.getLogger("hookline.api")
+
 _ERROR_STATUS: list[tuple[type[HooklineError], int, str]] = [
     (NotFound, 404, "not-found"),
     (Conflict, 409, "conflict"),
@@ -121,6 +124,7 @@ async def _hookline_handler(request: Request, exc: Exception) -> Response:
             if status == 503:
                 headers = {"Retry-After": "1"}
             return problem(status, str(exc), slug=slug, headers=headers, openai=openai)
+    log.error("%s %s failed: %s", request.method, request.url.path, exc)
     return problem(500, "internal error", slug="internal-error", openai=openai)
 
 

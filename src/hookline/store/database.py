@@ -46,6 +46,9 @@ SQLITE_PRAGMAS = (
     "PRAGMA foreign_keys=ON",
 )
 _SQLITE_READERS = 4
+# PostgreSQL's codes for "not now": connection exceptions (08…), a server shutting down or
+# starting up (57P01-57P03), too many connections (53300).
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
 _UNAVAILABLE_MARKERS = (
     "connection",
     "could not connect",
@@ -65,6 +68,11 @@ def translate_error(exc: BaseException) -> StoreError:
         return StoreUnavailable(f"database unreachable: {exc}")
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return StoreUnavailable(f"database connection lost: {exc.orig}")
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
+    if sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+        return StoreUnavailable(f"database unavailable: {getattr(exc, 'orig', exc)}")
+    if isinstance(exc, TimeoutError):
+        return StoreUnavailable("database did not answer in time")
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
         text = str(exc).lower()
         if any(marker in text for marker in _UNAVAILABLE_MARKERS):
@@ -198,6 +206,9 @@ class PostgresDatabase(Database):
             pool_size=10,
             max_overflow=10,
             pool_pre_ping=True,
+            # Fail fast while the server is away (clients get a 503, never a hang).
+            pool_timeout=10,
+            connect_args={"timeout": 5},
             json_serializer=_json_dumps,
             json_deserializer=orjson.loads,
         )
@@ -215,7 +226,7 @@ class PostgresDatabase(Database):
                 if commit:
                     await conn.commit()
                 return result
-        except (sa_exc.SQLAlchemyError, OSError) as exc:
+        except (sa_exc.SQLAlchemyError, OSError, TimeoutError) as exc:
             raise translate_error(exc) from exc
 
     async def dispose(self) -> None:
