@@ -184,10 +184,10 @@ class LiveGateway:
 
 @contextlib.asynccontextmanager
 async def serve(
-    settings: Settings, clock: Clock | None = None, *, run_worker: bool = True
+    settings: Settings, clock: Clock | None = None, *, run_worker: bool = True, migrate: bool = True
 ) -> AsyncIterator[LiveGateway]:
     """Run a gateway with uvicorn on a free loopback port, in this event loop."""
-    gateway = Gateway(settings, clock=clock, run_worker=run_worker)
+    gateway = Gateway(settings, clock=clock, run_worker=run_worker, migrate=migrate)
     await gateway.start()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection
 
-from hookline.migrate import current_revision, head_revision, upgrade
+from hookline.migrate import alembic_config, current_revision, head_revision, upgrade
 from hookline.store.database import open_database
 from hookline.store.schema import metadata
+from tests.conftest import gateway_settings, serve
 
 # Alembic cannot reflect indexes with a DESC column on every dialect; these are checked by name.
 _CHECKED_BY_NAME = {"ix_jobs_claim"}
@@ -42,3 +44,28 @@ async def test_migrated_schema_matches_the_models(database_url: str) -> None:
         assert await current_revision(database) == head_revision()
     finally:
         await database.dispose()
+
+
+async def test_readiness_waits_for_a_schema_left_behind(tmp_path: Any, upstream: Any) -> None:
+    # A process started --no-migrate against a database one release behind is not ready (and
+    # says what to do) until `hookline migrate` has run; then it is.
+    url = f"sqlite:///{tmp_path / 'behind.db'}"
+    database = open_database(url)
+    try:
+        await database.write(lambda conn: command.upgrade(alembic_config(conn), "0003"))
+    finally:
+        await database.dispose()
+    settings = gateway_settings(url, upstream.base_url)
+    async with serve(settings, run_worker=False, migrate=False) as live:
+        behind = await live.client.get("/readyz")
+        assert behind.status_code == 503
+        assert "run hookline migrate" in behind.json()["detail"]
+        await upgrade(live.gateway.store.database)
+        ready = await live.client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json() == {
+            "status": "ready",
+            "database": "ok",
+            "schema": "current",
+            "revision": head_revision(),
+        }

@@ -49,6 +49,14 @@ DatabaseOpt = Annotated[
 HostOpt = Annotated[str | None, typer.Option("--host", envvar="HOOKLINE_HOST")]
 PortOpt = Annotated[int | None, typer.Option("--port", envvar="HOOKLINE_PORT")]
 LogOpt = Annotated[str | None, typer.Option("--log-level", envvar="HOOKLINE_LOG_LEVEL")]
+MigrateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--migrate/--no-migrate",
+        envvar="HOOKLINE_MIGRATE",
+        help="Bring the database schema up to date at start (off: run `hookline migrate` per release).",
+    ),
+]
 UrlOpt = Annotated[
     str, typer.Option("--url", envvar="HOOKLINE_URL", help="The gateway's base URL.")
 ]
@@ -86,7 +94,7 @@ def tune_interpreter() -> None:
     sys.setswitchinterval(0.0005)
 
 
-def _serve_http(settings: Settings, *, run_worker: bool) -> None:
+def _serve_http(settings: Settings, *, run_worker: bool, migrate: bool = True) -> None:
     import uvicorn
 
     from hookline.api import create_app
@@ -94,7 +102,7 @@ def _serve_http(settings: Settings, *, run_worker: bool) -> None:
 
     _logging(settings.log_level)
     tune_interpreter()
-    gateway = Gateway(settings, run_worker=run_worker)
+    gateway = Gateway(settings, run_worker=run_worker, migrate=migrate)
     config = uvicorn.Config(
         create_app(gateway),
         host=settings.host,
@@ -129,17 +137,21 @@ def api_command(
     host: HostOpt = None,
     port: PortOpt = None,
     log_level: LogOpt = None,
+    migrate: MigrateOpt = True,
 ) -> None:
     """Run only the HTTP API (workers run elsewhere against the same database)."""
     settings = _settings(
         config, database_url=database_url, host=host, port=port, log_level=log_level
     )
-    _serve_http(settings, run_worker=False)
+    _serve_http(settings, run_worker=False, migrate=migrate)
 
 
 @app.command()
 def worker(
-    config: ConfigOpt = None, database_url: DatabaseOpt = None, log_level: LogOpt = None
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    log_level: LogOpt = None,
+    migrate: MigrateOpt = True,
 ) -> None:
     """Run only a worker: claim jobs and call upstreams until SIGTERM, then drain."""
     from hookline.gateway import Gateway
@@ -149,7 +161,7 @@ def worker(
     tune_interpreter()
 
     async def run() -> None:
-        gateway = Gateway(settings, run_worker=True, serve_api=False)
+        gateway = Gateway(settings, run_worker=True, serve_api=False, migrate=migrate)
         await gateway.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

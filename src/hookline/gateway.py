@@ -33,8 +33,10 @@ class Gateway:
         run_worker: bool = True,
         serve_api: bool = True,
         clock: Clock | None = None,
+        migrate: bool = True,
     ) -> None:
         self.settings = settings
+        self.migrate = migrate  # bring the schema up to date at start (else: hookline migrate)
         self.run_worker = run_worker
         self.serve_api = serve_api
         self.clock = clock or SystemClock()
@@ -62,7 +64,8 @@ class Gateway:
         assert self._keys is not None, "Gateway.start() first"
         return self._keys
 
-    async def start(self, *, migrate: bool = True) -> None:
+    async def start(self, *, migrate: bool | None = None) -> None:
+        migrate = self.migrate if migrate is None else migrate
         self._store = await open_store(self.settings.database_url, migrate=migrate)
         self._queue = JobQueue(self._store, self.settings, clock=self.clock, notifier=self.notifier)
         self._keys = KeyRing(self._store, self.clock)

@@ -1,11 +1,13 @@
 """Apply the Alembic migrations in ``hookline/migrations`` to a database.
 
-``hookline serve`` upgrades at start; split deployments run ``hookline migrate`` once. On PostgreSQL
+``hookline serve`` upgrades at start, and so do ``hookline api`` and ``hookline worker`` unless told
+``--no-migrate`` (split deployments run ``hookline migrate`` once per release instead). On PostgreSQL
 an advisory lock serialises processes that start together, so only one of them migrates.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,15 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+@functools.cache
 def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+@functools.cache
+def _known_revisions() -> frozenset[str]:
+    scripts = ScriptDirectory.from_config(alembic_config())
+    return frozenset(script.revision for script in scripts.walk_revisions())
 
 
 def upgrade_connection(connection: Connection) -> None:
@@ -51,3 +60,15 @@ async def upgrade(database: Database) -> None:
 async def current_revision(database: Database) -> str | None:
     revision: str | None = await database.read(_current_sync)
     return revision
+
+
+async def schema_state(database: Database) -> tuple[str, str | None]:
+    """Where the database's schema stands for this version of hookline: ``current``,
+    ``behind`` (``hookline migrate`` is due), ``newer`` (migrated by a newer hookline: a rolling
+    upgrade), or ``empty``; with the database's revision."""
+    revision = await current_revision(database)
+    if revision is None:
+        return "empty", None
+    if revision == head_revision():
+        return "current", revision
+    return ("behind" if revision in _known_revisions() else "newer"), revision

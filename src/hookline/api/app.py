@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import orjson
 from fastapi import FastAPI
 from starlette.responses import Response
 
@@ -14,6 +15,7 @@ from hookline.api.limits import BodyLimitMiddleware
 from hookline.api.problems import install_problem_handlers, problem
 from hookline.errors import StoreError
 from hookline.gateway import Gateway
+from hookline.migrate import head_revision, schema_state
 
 
 def create_app(gateway: Gateway, *, manage_gateway: bool = True) -> FastAPI:
@@ -49,12 +51,18 @@ def create_app(gateway: Gateway, *, manage_gateway: bool = True) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="Readiness: the database answers")
+    @app.get(
+        "/readyz", tags=["health"], summary="Readiness: the database answers, its schema is current"
+    )
     async def readyz() -> Response:
         try:
-            await gateway.store.ping()
+            state, revision = await schema_state(gateway.store.database)
         except StoreError as exc:
             return problem(503, f"database: {exc}", slug="not-ready")
-        return Response(b'{"status":"ready","database":"ok"}', media_type="application/json")
+        if state in ("behind", "empty"):
+            detail = f"the database schema is at {revision or 'nothing'}, this hookline needs {head_revision()}: run hookline migrate"
+            return problem(503, detail, slug="not-ready")
+        body = {"status": "ready", "database": "ok", "schema": state, "revision": revision}
+        return Response(orjson.dumps(body), media_type="application/json")
 
     return app
