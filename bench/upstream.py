@@ -38,7 +38,10 @@ FINISH = [_chunk(None, "stop"),
 
 async def _chat(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
-    delay = 0.05 if body.get("model") == "slow" else 0.0  # "slow": a job that runs ~10 s
+    model = str(body.get("model", ""))
+    delay = 0.05 if model == "slow" else 0.0  # "slow": a job that runs ~10 s
+    if model.startswith("hold"):  # "hold30": 30 s before the first token (in-flight capacity)
+        await asyncio.sleep(float(model.removeprefix("hold")))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     for chunk in CHUNKS:
