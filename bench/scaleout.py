@@ -28,7 +28,7 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.streams import rss_mib
+from bench.streams import cpu_seconds, rss_mib
 from bench.submit import free_port, reset_postgres, start, stop
 from hookline.config import load_settings
 from hookline.gateway import Gateway
@@ -96,6 +96,20 @@ async def _span(database_url: str) -> tuple[float, int]:
         await conn.close()
 
 
+def _postgres_cpu() -> float:
+    """CPU seconds used so far by this machine's PostgreSQL server processes."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if "(postgres)" in text:
+            fields = text.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def _prepare(admin_url: str, name: str, config: Path) -> str:
     url = asyncio.run(reset_postgres(admin_url, name))
     hookline = [sys.executable, "-m", "hookline"]
@@ -104,23 +118,30 @@ def _prepare(admin_url: str, name: str, config: Path) -> str:
     return url
 
 
-def throughput(args: argparse.Namespace, workdir: Path, upstream_port: int) -> dict[int, float]:
+def throughput(
+    args: argparse.Namespace, workdir: Path, upstream_port: int, upstream_pid: int
+) -> dict[int, float]:
     config = _config(workdir, upstream_port, 64, 30)
     rates: dict[int, float] = {}
     for workers in args.workers:
         url = _prepare(args.postgres_url, "hookline_bench_scaleout", config)
         asyncio.run(_queue_jobs(url, config, "bench", args.jobs))
         env = {"HOOKLINE_CONFIG": str(config), "HOOKLINE_DATABASE_URL": url}
+        database_cpu, upstream_cpu = _postgres_cpu(), cpu_seconds(upstream_pid)
         processes = [
             start([sys.executable, "-m", "hookline", "worker", "--no-migrate"], env, ROOT)
             for _ in range(workers)
         ]
+        worker_cpu = 0.0
         try:
             deadline = time.monotonic() + 600
             while asyncio.run(_count(url, "succeeded")) < args.jobs:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the jobs did not finish in 10 minutes")
                 time.sleep(0.2)
+            worker_cpu = sum(cpu_seconds(process.pid) for process in processes)
+            database_cpu = _postgres_cpu() - database_cpu
+            upstream_cpu = cpu_seconds(upstream_pid) - upstream_cpu
         finally:
             for process in processes:
                 stop(process)
@@ -130,7 +151,9 @@ def throughput(args: argparse.Namespace, workdir: Path, upstream_port: int) -> d
         print(
             f"{workers} worker process(es): {args.jobs} jobs in {seconds:.2f} s = "
             f"{rates[workers]:.0f} jobs/s ({rates[workers] / base:.2f}x the "
-            f"{args.workers[0]}-worker run); jobs run twice: {twice}",
+            f"{args.workers[0]}-worker run); jobs run twice: {twice}; CPU per job: workers "
+            f"{worker_cpu / args.jobs * 1000:.2f} ms (start-up included), PostgreSQL "
+            f"{database_cpu / args.jobs * 1000:.2f} ms, upstream {upstream_cpu / args.jobs * 1000:.2f} ms",
             flush=True,
         )
     return rates
@@ -193,7 +216,7 @@ def main() -> None:
         time.sleep(1.5)
         with tempfile.TemporaryDirectory() as workdir:
             if args.jobs:
-                throughput(args, Path(workdir), upstream_port)
+                throughput(args, Path(workdir), upstream_port, upstream.pid)
             if args.inflight:
                 in_flight(args, Path(workdir), upstream_port)
     finally:
