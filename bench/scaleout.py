@@ -77,6 +77,18 @@ async def _queue_jobs(database_url: str, config: Path, model: str, n: int) -> No
         await gateway.stop()
 
 
+_START_DELAY = 6.0
+
+
+async def _hold_jobs(database_url: str, seconds: float) -> None:
+    """Make the queued jobs runnable only ``seconds`` from now."""
+    conn = await asyncpg.connect(database_url, timeout=5)
+    try:
+        await conn.execute("UPDATE jobs SET run_after = $1", int((time.time() + seconds) * 1000))
+    finally:
+        await conn.close()
+
+
 async def _count(database_url: str, status: str) -> int:
     conn = await asyncpg.connect(database_url, timeout=5)
     try:
@@ -121,25 +133,30 @@ def _prepare(admin_url: str, name: str, config: Path) -> str:
 def throughput(
     args: argparse.Namespace, workdir: Path, upstream_port: int, upstream_pid: int
 ) -> dict[int, float]:
-    config = _config(workdir, upstream_port, 64, 30)
+    config = _config(workdir, upstream_port, args.max_concurrency, 30)
     rates: dict[int, float] = {}
     for workers in args.workers:
         url = _prepare(args.postgres_url, "hookline_bench_scaleout", config)
         asyncio.run(_queue_jobs(url, config, "bench", args.jobs))
+        asyncio.run(_hold_jobs(url, _START_DELAY))
         env = {"HOOKLINE_CONFIG": str(config), "HOOKLINE_DATABASE_URL": url}
-        database_cpu, upstream_cpu = _postgres_cpu(), cpu_seconds(upstream_pid)
         processes = [
             start([sys.executable, "-m", "hookline", "worker", "--no-migrate"], env, ROOT)
             for _ in range(workers)
         ]
         worker_cpu = 0.0
         try:
+            # The jobs become runnable only once the workers have started: their start-up is
+            # neither timed nor counted in the CPU per job.
+            time.sleep(_START_DELAY - 1)
+            started_cpu = sum(cpu_seconds(process.pid) for process in processes)
+            database_cpu, upstream_cpu = _postgres_cpu(), cpu_seconds(upstream_pid)
             deadline = time.monotonic() + 600
             while asyncio.run(_count(url, "succeeded")) < args.jobs:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the jobs did not finish in 10 minutes")
                 time.sleep(0.2)
-            worker_cpu = sum(cpu_seconds(process.pid) for process in processes)
+            worker_cpu = sum(cpu_seconds(process.pid) for process in processes) - started_cpu
             database_cpu = _postgres_cpu() - database_cpu
             upstream_cpu = cpu_seconds(upstream_pid) - upstream_cpu
         finally:
@@ -152,8 +169,9 @@ def throughput(
             f"{workers} worker process(es): {args.jobs} jobs in {seconds:.2f} s = "
             f"{rates[workers]:.0f} jobs/s ({rates[workers] / base:.2f}x the "
             f"{args.workers[0]}-worker run); jobs run twice: {twice}; CPU per job: workers "
-            f"{worker_cpu / args.jobs * 1000:.2f} ms (start-up included), PostgreSQL "
-            f"{database_cpu / args.jobs * 1000:.2f} ms, upstream {upstream_cpu / args.jobs * 1000:.2f} ms",
+            f"{worker_cpu / args.jobs * 1000:.2f} ms, PostgreSQL "
+            f"{database_cpu / args.jobs * 1000:.2f} ms, upstream {upstream_cpu / args.jobs * 1000:.2f} ms; "
+            f"cores busy: {(worker_cpu + database_cpu + upstream_cpu) / seconds:.2f} of {os.cpu_count()}",
             flush=True,
         )
     return rates
@@ -204,6 +222,7 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=10_000)
     parser.add_argument("--hold", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--max-concurrency", type=int, default=256)
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     upstream_port = free_port()

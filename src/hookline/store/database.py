@@ -203,8 +203,8 @@ class PostgresDatabase(Database):
     def __init__(self, url: str) -> None:
         self.engine = create_async_engine(
             url,
-            pool_size=10,
-            max_overflow=10,
+            pool_size=20,
+            max_overflow=0,
             pool_pre_ping=True,
             # Fail fast while the server is away (clients get a 503, never a hang).
             pool_timeout=10,
