@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 from hookline.config import Settings
@@ -110,3 +111,56 @@ async def test_max_concurrency_holds_across_workers(
     assert [job["status"] for job in finished] == ["succeeded"] * 15
     assert [job["attempts"] for job in finished] == [1] * 15
     assert upstream.max_active == 3  # reached, never passed, with 3 workers of 3 slots each
+
+
+async def test_priority_then_submission_order_holds_across_workers(
+    postgres_url: str, upstream: ScriptedUpstream
+) -> None:
+    # One job at a time across two workers: the order the upstream sees is the queue's order.
+    settings = _settings(postgres_url, upstream, upstream={"max_concurrency": 1})
+    settings = settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"poll_seconds": 0.05})}
+    )
+    async with serve(settings, run_worker=False) as api:
+        ids = []
+        for name, priority in [("a", 0), ("b", 5), ("c", 0), ("d", 5), ("e", 1)]:
+            body = {**CHAT, "priority": priority,
+                    "input": {"messages": [{"role": "user", "content": name}]}}  # fmt: skip
+            ids.append((await api.client.post("/v1/jobs", json=body)).json()["id"])
+        async for _ in _workers(settings, 2):
+            for job_id in ids:
+                job = (await api.client.get(f"/v1/jobs/{job_id}", params={"wait": 30})).json()
+                assert job["status"] == "succeeded"
+    order = [seen.body["messages"][-1]["content"] for seen in upstream.seen("m")]
+    assert order == ["b", "d", "e", "a", "c"]
+
+
+async def test_the_tenant_stream_never_steps_past_an_event_still_being_committed(
+    postgres_url: str, upstream: ScriptedUpstream
+) -> None:
+    # Event ids are taken at insert: a transaction that inserted a lower id may commit after one
+    # with a higher id. A reader that advanced past the higher id would never see the lower one.
+    async with serve(_settings(postgres_url, upstream), run_worker=False) as api:
+        job = (await api.client.post("/v1/jobs", json=CHAT)).json()["id"]
+        store = api.gateway.store
+        seen = [event.id for event in await store.list_tenant_events("acme")]
+        insert = (
+            "INSERT INTO events (job_id, tenant, seq, type, data, created_at) "
+            "VALUES ($1, 'acme', $2, 'job.progress', '{}', 0) RETURNING id"
+        )
+        slow = await asyncpg.connect(postgres_url)
+        fast = await asyncpg.connect(postgres_url)
+        try:
+            transaction = slow.transaction()
+            await transaction.start()
+            lower = await slow.fetchval(insert, job, 100)
+            higher = await fast.fetchval(insert, job, 101)  # committed at once
+            assert higher > lower
+            visible = [e.id for e in await store.list_tenant_events("acme", seen[-1])]
+            assert visible == []  # not the higher one yet: the lower one may still come
+            await transaction.commit()
+            visible = [e.id for e in await store.list_tenant_events("acme", seen[-1])]
+            assert visible == [lower, higher]
+        finally:
+            await slow.close()
+            await fast.close()

@@ -153,7 +153,9 @@ def test_an_api_process_killed_mid_stream_the_client_resumes_on_another(
     processes: list[_Processes],
 ) -> None:
     threaded_upstream.script("m", Reply(text=TEXT, chunks=40, token_delay=0.05))
-    env = _env(tmp_path, postgres_url, threaded_upstream)
+    # Output is written only every 30 s: what either API process streams before the end came
+    # live from the worker process, through PostgreSQL.
+    env = _env(tmp_path, postgres_url, threaded_upstream, delta_flush_seconds=30)
     group = _Processes(env, tmp_path)
     processes.append(group)
     first_api, second_api = group.start("api"), group.start("api")
@@ -176,12 +178,15 @@ def test_an_api_process_killed_mid_stream_the_client_resumes_on_another(
     ended = None
     with httpx.Client(base_url=second_api.url, headers=headers, timeout=30) as client:
         url = f"/v1/jobs/{job['id']}/events"
+        live_after_resume = 0
         for message in _stream_lines(client, url, {"Last-Event-ID": str(last_id)}):
             if message["event"] == "job.output.delta":
                 text += message["data"]["data"]["text"]
+                live_after_resume += message["data"]["seq"] is None
             ended = message["event"]
     assert ended == "job.succeeded", group.logs()
     assert text == TEXT  # not a character lost or repeated across the two processes
+    assert live_after_resume, "the second API process never streamed live text"
 
 
 def test_workers_racing_for_jobs_run_each_once_within_the_global_limit(
@@ -198,12 +203,28 @@ def test_workers_racing_for_jobs_run_each_once_within_the_global_limit(
     for _ in range(3):
         group.start("worker")
     headers = {"Authorization": f"Bearer {_api_key(env)}"}
-    with httpx.Client(base_url=api.url, headers=headers, timeout=30) as client:
-        ids = [client.post("/v1/jobs", json=CHAT).json()["id"] for _ in range(200)]
-        statuses = [
-            client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()["status"] for job_id in ids
-        ]
+    events = ["job.queued", "job.started", "job.succeeded"]
+    with Threaded(WebhookReceiver()) as receiver:
+        with httpx.Client(base_url=api.url, headers=headers, timeout=30) as client:
+            body = {**CHAT, "webhook": {"url": receiver.url(), "events": events}}
+            ids = [client.post("/v1/jobs", json=body).json()["id"] for _ in range(200)]
+            statuses = [
+                client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()["status"]
+                for job_id in ids
+            ]
+        deadline = time.monotonic() + 30
+        while len(receiver.at("/hook")) < 600 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        received = receiver.at("/hook")
     assert statuses == ["succeeded"] * 200, group.logs()
+    # Three senders, each message sent once (no failures here, so no retries), and each job's
+    # messages in the order of its events.
+    assert len(received) == 600 and len({r.id for r in received}) == 600
+    per_job: dict[str, list[str]] = {}
+    for request in received:
+        message = json.loads(request.body)
+        per_job.setdefault(message["data"]["id"], []).append(message["type"])
+    assert all(types == events for types in per_job.values()), per_job
     assert threaded_upstream.counts["m"] == 200  # no job called the upstream twice
     assert threaded_upstream.max_active <= 3  # 3 workers, one limit of 3 between them
 

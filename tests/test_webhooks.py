@@ -11,10 +11,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import sqlalchemy as sa
 from standardwebhooks.webhooks import Webhook
 
 from hookline import webhooks
 from hookline.clock import ManualClock
+from hookline.store import open_store
+from hookline.store.outbox import order_key
+from hookline.store.schema import deliveries
 from tests.conftest import LiveGateway, gateway_settings, serve, wait_for_status
 from tests.scripted_upstream import ScriptedUpstream
 from tests.webhook_receiver import Answer, WebhookReceiver
@@ -497,3 +501,28 @@ async def test_two_senders_on_one_database_send_each_message_once(
         await clients[1].aclose()
     ids = [m.id for m in receiver.at("/both")]
     assert len(ids) == len(set(ids)) == 20
+
+
+async def test_a_jobs_messages_go_in_event_order_whatever_the_writers_clocks(
+    database_url: str,
+) -> None:
+    # Two processes wrote a job's messages; the later event's writer had a clock behind, so its
+    # message id (time-based) sorts first. The order is the events' seq, not the ids.
+    store = await open_store(database_url, migrate=False)
+    try:
+        key = order_key(None, "http://127.0.0.1:9/hook", "job_x")
+        rows = [
+            {"id": "msg_2", "seq": 1, "event_type": "job.queued"},
+            {"id": "msg_1", "seq": 2, "event_type": "job.succeeded"},
+        ]
+        values = [
+            {**row, "tenant": "acme", "endpoint_id": None, "url": "http://127.0.0.1:9/hook",
+             "job_id": "job_x", "payload": {}, "order_key": key, "status": "pending",
+             "attempts": 0, "next_attempt_at": 0, "created_at": 0, "updated_at": 0}
+            for row in rows
+        ]  # fmt: skip
+        await store.database.write(lambda conn: conn.execute(sa.insert(deliveries), values))
+        first = await store.webhooks.claim_due(1, 10, "lease_a", 10_000, busy=())
+        assert [d.id for d in first] == ["msg_2"]  # only the head of the job's queue
+    finally:
+        await store.close()

@@ -16,10 +16,11 @@ import dataclasses
 import logging
 import random
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hookline.config import WorkerConfig
-from hookline.errors import StoreError
+from hookline.errors import StoreError, StoreUnavailable
 from hookline.events import EventType, NewEvent
 from hookline.ids import new_id
 from hookline.jobs import Job
@@ -273,6 +274,12 @@ class Worker:
             if not held:
                 self._abort(job.id)
 
+    async def _record(self, write: Callable[[], Awaitable[Any]]) -> None:
+        """Record how a job ended, retried while the store is briefly unavailable (the job stays
+        in ``running``, so its lease keeps being renewed meanwhile). A write that still fails is
+        logged: the lease lapses and the job is run again elsewhere."""
+        await _quietly(_retrying(write, self.config.lease_seconds))
+
     async def _execute(self, running: RunningJob) -> None:
         job, token = running.job, running.lease_token
         try:
@@ -295,7 +302,7 @@ class Worker:
         upstream = self.upstreams.get(job.upstream)
         if upstream is None:
             failure = UpstreamFailure("upstream_unknown", f"no upstream named {job.upstream!r}")
-            await _quietly(self.queue.fail(job, token, failure))
+            await self._record(lambda: self.queue.fail(job, token, failure))
             return
         body = {**job.input, "model": job.model}
         try:
@@ -303,11 +310,13 @@ class Worker:
         except UpstreamError as exc:
             if not await _written(running):
                 return
-            await _quietly(self._flush(running))
+            deltas = running.take_deltas()
             failure = UpstreamFailure(
                 exc.type, exc.message, exc.status, exc.retryable, exc.retry_after, exc.body
             )
-            await _quietly(self.queue.fail(job, token, failure))
+            if deltas:
+                await self._record(lambda: self.queue.add_output_deltas([(job, token, deltas)]))
+            await self._record(lambda: self.queue.fail(job, token, failure))
             return
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
@@ -316,12 +325,31 @@ class Worker:
                 return
             log.exception("job %s: unexpected error from upstream %s", job.id, job.upstream)
             failure = UpstreamFailure("internal_error", f"{type(exc).__name__}: {exc}", None, True)
-            await _quietly(self.queue.fail(job, token, failure))
+            await self._record(lambda: self.queue.fail(job, token, failure))
             return
         if not await _written(running):
             return
         # The last output and the success: one transaction, not two.
-        await _quietly(self.queue.succeed(job, token, output, running.take_deltas()))
+        deltas = running.take_deltas()
+        await self._record(lambda: self.queue.succeed(job, token, output, deltas))
+
+
+async def _retrying(write: Callable[[], Awaitable[Any]], for_seconds: float) -> None:
+    """Run a store write, again and again while the store is unavailable (an outage, or a burst
+    of writes waiting longer than the pool allows) for up to ``for_seconds``. A job's outcome is
+    in memory only: losing its write means calling the upstream again once the lease lapses."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + for_seconds
+    delay = 0.05
+    while True:
+        try:
+            await write()
+            return
+        except StoreUnavailable:
+            if loop.time() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 async def _written(running: RunningJob) -> bool:

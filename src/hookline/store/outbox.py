@@ -89,6 +89,7 @@ def enqueue_deliveries(
                 "event_type": event.type.value,
                 "payload": body,
                 "order_key": key,
+                "seq": event.seq,
                 "status": PENDING,
                 "attempts": 0,
                 "next_attempt_at": due,
@@ -121,7 +122,7 @@ def _throttle_delta(conn: Connection, key: str, body: dict[str, Any], now: int) 
             deliveries.c.next_attempt_at,
         )
         .where(deliveries.c.order_key == key)
-        .order_by(deliveries.c.id.desc())
+        .order_by(deliveries.c.seq.desc(), deliveries.c.id.desc())
         .limit(1)
     ).first()
     if last is None or last.event_type != EventType.OUTPUT_DELTA.value:

@@ -96,6 +96,9 @@ events = sa.Table(
     sa.Column("type", sa.String(32), nullable=False),
     sa.Column("data", JSONType, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    # PostgreSQL: the writing transaction (default pg_current_xact_id(), set by migration 0004).
+    # The tenant stream reads only events of transactions older than every running one.
+    sa.Column("txid", sa.BigInteger, nullable=True),
     sa.UniqueConstraint("job_id", "seq", name="uq_events_job_seq"),
     sa.Index("ix_events_tenant_id", "tenant", "id"),
     sqlite_autoincrement=True,
@@ -136,8 +139,9 @@ webhook_secrets = sa.Table(
 )
 
 # The outbox: one row per message to send, written in the transaction of the event it reports.
-# Its id is the message's stable webhook-id. order_key is destination + job: only the oldest
-# pending message of an order_key may be sent, which keeps one job's messages in order.
+# Its id is the message's stable webhook-id. order_key is destination + job: only the first
+# pending message of an order_key (by seq, then id) may be sent, which keeps one job's messages
+# in order.
 deliveries = sa.Table(
     "deliveries",
     metadata,
@@ -149,6 +153,9 @@ deliveries = sa.Table(
     sa.Column("event_type", sa.String(64), nullable=False),
     sa.Column("payload", JSONType, nullable=False),
     sa.Column("order_key", sa.String(128), nullable=False),
+    # The reported event's per-job seq: a job's messages go out in (seq, id) order, whatever the
+    # clocks of the processes that wrote them (ids are time-based).
+    sa.Column("seq", sa.Integer, nullable=False, server_default="0"),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("next_attempt_at", sa.BigInteger, nullable=False),
@@ -164,7 +171,7 @@ deliveries = sa.Table(
         sqlite_where=sa.text("status = 'pending'"),
         postgresql_where=sa.text("status = 'pending'"),
     ),
-    sa.Index("ix_deliveries_order", "order_key", "status", "id"),
+    sa.Index("ix_deliveries_order", "order_key", "status", "seq", "id"),
     sa.Index("ix_deliveries_tenant", "tenant", "id"),
     sa.Index("ix_deliveries_endpoint", "endpoint_id", "status", "id"),
     # Retention: the messages settled longest ago first.

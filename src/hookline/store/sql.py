@@ -118,6 +118,11 @@ _BUMP_SEQ_IF_HELD = (
 
 _insert_events = sa.insert(events).returning(*events.c)
 
+# PostgreSQL: the oldest transaction id still running (every older one has committed or aborted).
+_OLDEST_RUNNING_TRANSACTION = sa.literal_column(
+    "pg_snapshot_xmin(pg_current_snapshot())::text::bigint", sa.BigInteger
+)
+
 
 def _within_running_limits(
     conn: Connection,
@@ -311,7 +316,15 @@ class SQLStore(Store):
     async def list_tenant_events(
         self, tenant: str, after_id: int = 0, limit: int = 1000
     ) -> list[Event]:
-        where = (events.c.tenant == tenant, events.c.id > after_id)
+        where: tuple[sa.ColumnElement[bool], ...] = (
+            events.c.tenant == tenant,
+            events.c.id > after_id,
+        )
+        if self.dialect == "postgresql":
+            # Ids are taken at insert, not at commit: an event of a transaction still running
+            # may yet appear below ids already read. Only events of transactions older than
+            # every running one are read (SQLite commits one writer at a time, in id order).
+            where = (*where, events.c.txid < _OLDEST_RUNNING_TRANSACTION)
         return await self._read_events(where, events.c.id, limit)
 
     async def _read_events(

@@ -48,7 +48,8 @@ def _build_due() -> sa.Select[tuple[str]]:
             ~sa.exists().where(
                 earlier.c.order_key == deliveries.c.order_key,
                 earlier.c.status == PENDING,
-                earlier.c.id < deliveries.c.id,
+                sa.tuple_(earlier.c.seq, earlier.c.id)
+                < sa.tuple_(deliveries.c.seq, deliveries.c.id),
             ),
         )
         .order_by(deliveries.c.next_attempt_at)  # the index's order: the scan stops at the limit
