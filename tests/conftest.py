@@ -141,6 +141,7 @@ def gateway_settings(database_url: str, upstream_url: str, **changes: Any) -> Se
                 max_concurrency=upstream_changes.pop("max_concurrency", 8),
                 timeout_seconds=upstream_changes.pop("timeout_seconds", 10),
                 idle_timeout_seconds=upstream_changes.pop("idle_timeout_seconds", 5),
+                **upstream_changes,
             )
         ],
     )

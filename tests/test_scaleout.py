@@ -9,6 +9,7 @@ test passing shows the wake-up came through PostgreSQL at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -164,3 +165,27 @@ async def test_the_tenant_stream_never_steps_past_an_event_still_being_committed
         finally:
             await slow.close()
             await fast.close()
+
+
+async def test_a_rate_limit_holds_across_workers(
+    postgres_url: str, upstream: ScriptedUpstream
+) -> None:
+    # 5 calls a second, no burst beyond one, shared by two workers.
+    limit = {"max_concurrency": 8, "rate_limit_per_second": 5, "rate_limit_burst": 1}
+    settings = _settings(postgres_url, upstream, upstream=limit)
+    settings = settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"poll_seconds": 0.05})}
+    )
+    async for _ in _workers(settings, 2):
+        async with serve(settings, run_worker=False) as api:
+            ids = [(await api.client.post("/v1/jobs", json=CHAT)).json()["id"] for _ in range(8)]
+            for job_id in ids:
+                job = (await api.client.get(f"/v1/jobs/{job_id}", params={"wait": 30})).json()
+                assert job["status"] == "succeeded"
+    starts = sorted(seen.at for seen in upstream.seen("m"))
+    assert len(starts) == 8
+    # Never more than a token a fifth of a second: any 8 starts span at least 7 intervals (a few
+    # ms allowed for the way from the claim to the upstream).
+    assert starts[-1] - starts[0] >= 7 * 0.2 - 0.05, starts
+    for first, second in itertools.pairwise(starts):
+        assert second - first >= 0.2 - 0.05, starts

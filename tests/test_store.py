@@ -65,7 +65,7 @@ async def claim(
     claimed = await store.claim_jobs(
         "u", limit, now=now, lease_token=token, lease_expires_at=now + 30_000
     )
-    return [c.job for c in claimed]
+    return [c.job for c in claimed.jobs]
 
 
 async def test_insert_and_read_back(store: SQLStore) -> None:

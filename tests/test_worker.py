@@ -62,7 +62,7 @@ async def test_job_of_a_dead_worker_is_taken_over_when_its_lease_lapses(
     queue = JobQueue(store, settings)
     request = SubmitRequest(Operation.CHAT_COMPLETIONS, CHAT["input"], "m", "scripted")
     job, _ = await queue.submit("acme", request)
-    [claimed] = await queue.claim("scripted", 1, "lease_dead")
+    [claimed], _ = await queue.claim("scripted", 1, "lease_dead")
     assert claimed.id == job.id and claimed.attempts == 1
     await queue.close()
     await store.close()

@@ -22,7 +22,9 @@ Example file::
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -41,6 +43,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclasses.dataclass(frozen=True)
+class RateLimit:
+    per_second: float
+    burst: int
+
+
 class UpstreamConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     type: Literal["openai", "llama_cpp"] = "openai"
@@ -49,6 +57,9 @@ class UpstreamConfig(_Section):
     api_key_env: str | None = None
     models: list[str] = Field(default_factory=lambda: ["*"])
     max_concurrency: int = Field(default=16, ge=1, le=100_000)
+    # Calls started per second across all workers (a token bucket in the database); None: no limit.
+    rate_limit_per_second: float | None = Field(default=None, gt=0, le=100_000)
+    rate_limit_burst: int | None = Field(default=None, ge=1)  # default: one second's worth
     timeout_seconds: float = Field(default=600.0, gt=0)
     idle_timeout_seconds: float = Field(default=120.0, gt=0)
     stream: bool = True
@@ -67,6 +78,13 @@ class UpstreamConfig(_Section):
         if self.api_key_env:
             return os.environ.get(self.api_key_env)
         return None
+
+    @property
+    def rate_limit(self) -> RateLimit | None:
+        if self.rate_limit_per_second is None:
+            return None
+        burst = self.rate_limit_burst or max(1, math.ceil(self.rate_limit_per_second))
+        return RateLimit(self.rate_limit_per_second, burst)
 
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)

@@ -98,6 +98,7 @@ class JobQueue:
         # Each upstream's max_concurrency holds across all processes: claims (and accepts of
         # jobs already claimed) count the running jobs in the store.
         self.running_limits = {u.name: u.max_concurrency for u in settings.upstreams}
+        self.rate_limits = {u.name: u.rate_limit for u in settings.upstreams if u.rate_limit}
         self._writer: WriteBatcher[tuple[Job, list[NewEvent]], AcceptOutcome] = WriteBatcher(
             self._insert_jobs, name="hookline-accept-writer"
         )
@@ -252,7 +253,11 @@ class JobQueue:
 
     # --- the worker's side
 
-    async def claim(self, upstream: str, limit: int, lease_token: str) -> list[Job]:
+    async def claim(
+        self, upstream: str, limit: int, lease_token: str
+    ) -> tuple[list[Job], float | None]:
+        """Claim up to ``limit`` jobs of ``upstream``, within its limits across all processes.
+        Also returns, when its rate limit held claims back, the seconds until the next may start."""
         now = self.clock.now_ms()
         claimed = await self.store.claim_jobs(
             upstream,
@@ -261,10 +266,14 @@ class JobQueue:
             lease_token=lease_token,
             lease_expires_at=now + self._lease_ms,
             max_running=self.running_limits.get(upstream),
+            rate=self.rate_limits.get(upstream),
         )
-        for result in claimed:
+        for result in claimed.jobs:
             self._published(result)
-        return [result.job for result in claimed]
+        wait = None
+        if claimed.next_token_at is not None:
+            wait = max(0.0, (claimed.next_token_at - now) / 1000)
+        return [result.job for result in claimed.jobs], wait
 
     async def renew_leases(self, job_ids: Collection[str], lease_token: str) -> set[str]:
         now = self.clock.now_ms()

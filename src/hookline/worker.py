@@ -148,27 +148,34 @@ class Worker:
         while not self._stopping:
             self._wake.clear()
             more = False
+            wait = self.config.poll_seconds
             for name in self.upstreams:
                 try:
-                    more |= await self._claim_for(name)
+                    claimed_all, token_wait = await self._claim_for(name)
                 except StoreError as exc:
                     log.warning("claiming jobs failed: %s", exc)
+                    continue
+                more |= claimed_all
+                if token_wait is not None:  # rate-limited: try again when a call may start
+                    wait = min(wait, max(token_wait, 0.005))
             if not more:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.config.poll_seconds):
+                    async with asyncio.timeout(wait):
                         await self._wake.wait()
 
-    async def _claim_for(self, name: str) -> bool:
+    async def _claim_for(self, name: str) -> tuple[bool, float | None]:
+        """Claim what this worker has room for; (whether it got all it asked, and the seconds
+        until the upstream's rate limit lets another call start, when it held claims back)."""
         free = self.upstreams[name].config.max_concurrency - self._active[name]
         if free <= 0:
-            return False
+            return False, None
         want = min(free, _CLAIM_BATCH)
         token = new_id("lease")
-        jobs = await self.queue.claim(name, want, token)
+        jobs, token_wait = await self.queue.claim(name, want, token)
         for job in jobs:
             self._active[name] += 1
             self._start(RunningJob(job, token, self.queue.live))
-        return len(jobs) == want
+        return len(jobs) == want, token_wait
 
     def _start(self, running: RunningJob) -> asyncio.Task[None]:
         job_id = running.job.id
@@ -183,8 +190,8 @@ class Worker:
         """Take a slot of ``upstream`` for a job about to be accepted already claimed; False when
         the worker is stopping or the upstream is at its concurrency."""
         target = self.upstreams.get(upstream)
-        if self._stopping or target is None:
-            return False
+        if self._stopping or target is None or target.config.rate_limit is not None:
+            return False  # a rate-limited upstream's calls start only through a claim
         if self._active[upstream] >= target.config.max_concurrency:
             return False
         self._active[upstream] += 1

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+from hookline.config import RateLimit
 from hookline.events import Event, NewEvent
 from hookline.jobs import Job, JobStatus
 
@@ -30,6 +31,13 @@ class Transitioned:
     job: Job
     events: list[Event]
     deliveries: int = 0  # webhook messages written with the events
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claimed:
+    jobs: list[Transitioned]
+    # Set when the upstream's rate limit held claims back: when the next call may start (ms).
+    next_token_at: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +122,14 @@ class Store(abc.ABC):
         lease_token: str,
         lease_expires_at: int,
         max_running: int | None = None,
-    ) -> list[Transitioned]:
+        rate: RateLimit | None = None,
+    ) -> Claimed:
         """Move up to ``limit`` runnable queued jobs of ``upstream`` to running under ``lease_token``.
 
         Highest priority first, then oldest first. Each claimed job gets ``attempts + 1`` and a
         ``job.started`` event. Jobs whose TTL has passed are never claimed. With ``max_running``,
         no more are claimed than keep the upstream's running jobs, across every process, at most
-        that many.
+        that many; with ``rate``, no more than the upstream's shared token bucket allows.
         """
 
     @abc.abstractmethod

@@ -84,6 +84,15 @@ jobs = sa.Table(
     ),
 )
 
+# Token buckets of the upstreams with a rate limit: calls started per second across all workers.
+upstream_rates = sa.Table(
+    "upstream_rates",
+    metadata,
+    sa.Column("upstream", sa.String(64), primary_key=True),
+    sa.Column("tokens", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+)
+
 events = sa.Table(
     "events",
     metadata,

@@ -6,6 +6,8 @@ functions at the top.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -13,13 +15,14 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy import exc as sa_exc
 
+from hookline.config import RateLimit
 from hookline.errors import StoreError
 from hookline.events import Event, EventType, NewEvent
 from hookline.jobs import Job, JobStatus, sources_for
-from hookline.store.base import AcceptOutcome, Appended, Store, Transitioned
+from hookline.store.base import AcceptOutcome, Appended, Claimed, Store, Transitioned
 from hookline.store.database import Database, chosen_once, open_database
 from hookline.store.outbox import endpoints_by_tenant, enqueue_deliveries
-from hookline.store.schema import api_keys, events, jobs
+from hookline.store.schema import api_keys, events, jobs, upstream_rates
 from hookline.store.webhook_sql import DeliveryStore
 
 # --- named statements
@@ -41,19 +44,58 @@ def _claimable_ids(upstream: str, limit: int, now: int) -> sa.Select[tuple[str]]
     )
 
 
-def _running_count(conn: Connection, upstream: str) -> int:
-    """Jobs of ``upstream`` running anywhere. On PostgreSQL it first takes a transaction lock per
-    upstream, so concurrent claimers count one after the other and the global limit holds (on
-    SQLite, write transactions run one at a time already)."""
+def _lock_upstream(conn: Connection, upstream: str) -> None:
+    """Hold the upstream's limits until the transaction ends. On PostgreSQL a transaction lock per
+    upstream, so concurrent claimers count and take tokens one after the other and the global
+    limits hold (on SQLite, write transactions run one at a time already)."""
     if conn.dialect.name == "postgresql":
         key = sa.func.hashtext(sa.literal(f"hookline.running:{upstream}"))
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+
+
+def _running_count(conn: Connection, upstream: str) -> int:
+    """Jobs of ``upstream`` running anywhere (call under :func:`_lock_upstream`)."""
     count = conn.execute(
         sa.select(sa.func.count())
         .select_from(jobs)
         .where(jobs.c.status == JobStatus.RUNNING.value, jobs.c.upstream == upstream)
     ).scalar_one()
     return int(count)
+
+
+@dataclasses.dataclass
+class _Bucket:
+    """An upstream's token bucket as read (and refilled) in a claim transaction."""
+
+    rate: RateLimit
+    tokens: float
+    stored: bool
+
+    @classmethod
+    def read(cls, conn: Connection, upstream: str, rate: RateLimit, now: int) -> _Bucket:
+        row = conn.execute(
+            sa.select(upstream_rates.c.tokens, upstream_rates.c.updated_at).where(
+                upstream_rates.c.upstream == upstream
+            )
+        ).first()
+        if row is None:
+            return cls(rate, float(rate.burst), stored=False)
+        refilled = row.tokens + max(0, now - row.updated_at) / 1000 * rate.per_second
+        return cls(rate, min(float(rate.burst), refilled), stored=True)
+
+    def take(self, conn: Connection, upstream: str, taken: int, now: int) -> int | None:
+        """Spend ``taken`` tokens; when the bucket is left without a whole token, the time the
+        next one arrives."""
+        self.tokens -= taken
+        values = {"tokens": self.tokens, "updated_at": now}
+        if self.stored:
+            table = upstream_rates
+            conn.execute(sa.update(table).where(table.c.upstream == upstream).values(**values))
+        else:
+            conn.execute(sa.insert(upstream_rates).values(upstream=upstream, **values))
+        if self.tokens >= 1:
+            return None
+        return now + math.ceil((1 - self.tokens) / self.rate.per_second * 1000)
 
 
 def _claim(ids: sa.Select[tuple[str]], now: int, lease_token: str, lease_expires_at: int) -> Any:
@@ -141,6 +183,7 @@ def _within_running_limits(
             kept.append((job, given))
             continue
         if job.upstream not in room:
+            _lock_upstream(conn, job.upstream)
             room[job.upstream] = limit - _running_count(conn, job.upstream)
         room[job.upstream] -= 1
         if room[job.upstream] >= 0:
@@ -344,20 +387,27 @@ class SQLStore(Store):
         lease_token: str,
         lease_expires_at: int,
         max_running: int | None = None,
-    ) -> list[Transitioned]:
+        rate: RateLimit | None = None,
+    ) -> Claimed:
         if limit <= 0:
-            return []
+            return Claimed([])
 
-        def claim(conn: Connection) -> list[Transitioned]:
+        def claim(conn: Connection) -> Claimed:
             room = limit
+            if max_running is not None or rate is not None:
+                _lock_upstream(conn, upstream)
             if max_running is not None:
-                room = min(limit, max_running - _running_count(conn, upstream))
-                if room <= 0:
-                    return []
+                room = min(room, max_running - _running_count(conn, upstream))
+            bucket = _Bucket.read(conn, upstream, rate, now) if rate is not None else None
+            if bucket is not None:
+                room = min(room, int(bucket.tokens))
+            if room <= 0:
+                return Claimed([], bucket.take(conn, upstream, 0, now) if bucket else None)
             statement = _claim(
                 _claimable_ids(upstream, room, now), now, lease_token, lease_expires_at
             )
             claimed = [Job.from_row(row) for row in conn.execute(statement).mappings()]
+            next_token_at = bucket.take(conn, upstream, len(claimed), now) if bucket else None
             claimed.sort(key=lambda job: (-job.priority, job.id))
             results = []
             endpoints = endpoints_by_tenant(conn, {job.tenant for job in claimed})
@@ -368,7 +418,7 @@ class SQLStore(Store):
                     job=job, webhook=job.webhook, endpoints=endpoints,
                 )  # fmt: skip
                 results.append(Transitioned(job, appended.events, appended.deliveries))
-            return results
+            return Claimed(results, next_token_at)
 
         return await self.database.write(claim)
 

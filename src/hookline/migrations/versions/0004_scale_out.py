@@ -7,6 +7,7 @@
   concurrent transactions may commit them out of order; the tenant stream reads only events of
   transactions older than every transaction still running, and so never steps past one that is
   about to appear.
+- ``upstream_rates``: the token bucket of each rate-limited upstream, shared by all workers.
 - Indexes for retention: finished jobs and settled messages, oldest first.
 
 Revision ID: 0004
@@ -26,6 +27,12 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.create_table(
+        "upstream_rates",
+        sa.Column("upstream", sa.String(64), primary_key=True),
+        sa.Column("tokens", sa.Float, nullable=False),
+        sa.Column("updated_at", sa.BigInteger, nullable=False),
+    )
     with op.batch_alter_table("deliveries") as batch:
         batch.add_column(sa.Column("seq", sa.Integer, nullable=False, server_default="0"))
     op.drop_index("ix_deliveries_order", table_name="deliveries")
@@ -61,3 +68,4 @@ def downgrade() -> None:
     op.create_index("ix_deliveries_order", "deliveries", ["order_key", "status", "id"])
     with op.batch_alter_table("deliveries") as batch:
         batch.drop_column("seq")
+    op.drop_table("upstream_rates")
