@@ -189,3 +189,24 @@ async def test_a_rate_limit_holds_across_workers(
     assert starts[-1] - starts[0] >= 7 * 0.2 - 0.05, starts
     for first, second in itertools.pairwise(starts):
         assert second - first >= 0.2 - 0.05, starts
+
+
+async def test_the_openai_facade_streams_a_job_run_by_another_process(
+    postgres_url: str, upstream: ScriptedUpstream
+) -> None:
+    text = "".join(f"o{i} " for i in range(20))
+    upstream.script("m", Reply(text=text, chunks=20, first_token_delay=0.2, token_delay=0.03))
+    settings = _settings(postgres_url, upstream)
+    async for _ in _workers(settings, 1):
+        async with serve(settings, run_worker=False) as api:
+            body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+            stream = await read_sse(
+                api.client, "/v1/chat/completions", method="POST", json_body=body
+            )
+    assert stream.status == 200
+    assert stream.messages[-1].data == "[DONE]"
+    chunks = [m.json() for m in stream.messages[:-1]]
+    pieces = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
+    assert "".join(pieces) == text
+    # Output is written every 30 s here: chunks that came one by one came live, by NOTIFY.
+    assert sum(1 for piece in pieces if piece) >= 5
