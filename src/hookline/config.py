@@ -148,6 +148,15 @@ class StreamsConfig(_Section):
     poll_seconds: float = Field(default=0.5, gt=0)
 
 
+class BatchesConfig(_Section):
+    max_lines: int = Field(default=50_000, ge=1)
+    max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)  # an input file (413 above it)
+    item_priority: int = Field(default=-10)  # below interactive jobs (0): they go first
+    progress_seconds: float = Field(default=1.0, gt=0)  # batch.progress at most this often
+    poll_seconds: float = Field(default=1.0, gt=0)  # how often the runner looks at its batches
+    lease_seconds: float = Field(default=30.0, gt=0)  # a runner that stops is replaced after
+
+
 class RetentionConfig(_Section):
     # Finished jobs (with their events) and settled webhook messages (with their attempt log)
     # older than this are deleted in the background; 0 keeps everything.
@@ -169,6 +178,7 @@ class Settings(_Section):
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     streams: StreamsConfig = Field(default_factory=StreamsConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    batches: BatchesConfig = Field(default_factory=BatchesConfig)
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     _routes: dict[str, UpstreamConfig] = PrivateAttr(default_factory=dict)
 

@@ -31,6 +31,10 @@ class InvalidRequest(HooklineError):
     pass
 
 
+class TooLarge(InvalidRequest):
+    """An upload passes its size limit (HTTP 413)."""
+
+
 class Unauthorized(HooklineError):
     pass
 

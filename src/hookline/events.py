@@ -26,6 +26,11 @@ class EventType(enum.StrEnum):
     FAILED = "job.failed"
     CANCELLED = "job.cancelled"
     EXPIRED = "job.expired"
+    BATCH_PROGRESS = "batch.progress"
+    BATCH_COMPLETED = "batch.completed"
+    BATCH_FAILED = "batch.failed"
+    BATCH_CANCELLED = "batch.cancelled"
+    BATCH_EXPIRED = "batch.expired"
 
     @property
     def is_terminal(self) -> bool:
@@ -33,8 +38,11 @@ class EventType(enum.StrEnum):
 
 
 TERMINAL_EVENTS = frozenset(
-    {EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELLED, EventType.EXPIRED}
-)
+    {EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELLED, EventType.EXPIRED,
+     EventType.BATCH_COMPLETED, EventType.BATCH_FAILED, EventType.BATCH_CANCELLED,
+     EventType.BATCH_EXPIRED}
+)  # fmt: skip
+BATCH_TERMINAL_EVENTS = frozenset(t for t in TERMINAL_EVENTS if t.value.startswith("batch."))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from hookline.auth import KeyRing
+from hookline.batches import BatchRunner, BatchService
 from hookline.broadcast import Broadcast
 from hookline.clock import Clock, SystemClock
 from hookline.config import Settings
@@ -46,6 +47,8 @@ class Gateway:
         self._keys: KeyRing | None = None
         self.worker: Worker | None = None
         self.sender: WebhookSender | None = None
+        self.batch_runner: BatchRunner | None = None
+        self._batches: BatchService | None = None
         self.address_policy = AddressPolicy(settings.webhooks)
         self._relays: list[RelayServer | RelayClient | Broadcast] = []
 
@@ -60,6 +63,11 @@ class Gateway:
         return self._queue
 
     @property
+    def batches(self) -> BatchService:
+        assert self._batches is not None, "Gateway.start() first"
+        return self._batches
+
+    @property
     def keys(self) -> KeyRing:
         assert self._keys is not None, "Gateway.start() first"
         return self._keys
@@ -69,6 +77,7 @@ class Gateway:
         self._store = await open_store(self.settings.database_url, migrate=migrate)
         self._queue = JobQueue(self._store, self.settings, clock=self.clock, notifier=self.notifier)
         self._keys = KeyRing(self._store, self.clock)
+        self._batches = BatchService(self._store.batches, self._queue, self.settings, self.clock)
         await self._start_relays()  # before the worker: its first wake-ups already cross
         if self.run_worker:
             self.worker = Worker(self._queue, build_upstreams(self.settings), self.settings.worker)
@@ -77,6 +86,8 @@ class Gateway:
                 self._store.webhooks, self.settings.webhooks, self.clock, self.notifier
             )
             await self.sender.start()
+            self.batch_runner = BatchRunner(self._batches)
+            await self.batch_runner.start()
         upstreams = ", ".join(f"{u.name} ({u.type})" for u in self.settings.upstreams) or "none"
         log.info("hookline started: database %s, upstreams: %s", self._store.dialect, upstreams)
 
@@ -108,6 +119,9 @@ class Gateway:
         if self.sender is not None:
             await self.sender.stop()
             self.sender = None
+        if self.batch_runner is not None:
+            await self.batch_runner.stop()
+            self.batch_runner = None
         for relay in self._relays:  # after the drain: a requeued job wakes the other workers
             await relay.stop()
         self._relays = []

@@ -48,11 +48,13 @@ class Operation(enum.StrEnum):
     CHAT_COMPLETIONS = "chat.completions"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
+    # Not a call: the anchor row of a batch (see hookline.batches), never claimed, never shown.
+    BATCH = "batch"
 
     @property
     def streams(self) -> bool:
         """Whether the upstream can stream this operation's output."""
-        return self is not Operation.EMBEDDINGS
+        return self not in (Operation.EMBEDDINGS, Operation.BATCH)
 
 
 def check_transition(current: JobStatus, new: JobStatus) -> None:
@@ -93,6 +95,9 @@ class Job:
     lease_expires_at: int | None
     event_seq: int
     webhook: dict[str, Any] | None = None  # {"url": ..., "events": [...]}
+    batch_id: str | None = None  # an item of this batch,
+    batch_line: int | None = None  # from this line of its input file,
+    custom_id: str | None = None  # with this custom_id
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Job:
@@ -144,6 +149,8 @@ def job_json(job: Job) -> dict[str, Any]:
         "max_attempts": job.max_attempts,
         "idempotency_key": job.idempotency_key,
         "webhook": job.webhook,
+        "batch_id": job.batch_id,
+        "custom_id": job.custom_id,
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),

@@ -200,7 +200,7 @@ class JobQueue:
 
     async def get(self, tenant: str, job_id: str) -> Job:
         job = await self.store.get_job(job_id, tenant)
-        if job is None:
+        if job is None or job.operation is Operation.BATCH:  # a batch's anchor is not a job
             raise NotFound(f"no job {job_id!r}")
         return job
 
@@ -237,6 +237,8 @@ class JobQueue:
 
     async def cancel(self, tenant: str, job_id: str) -> Job:
         """Cancel a queued or running job; a terminal job is returned unchanged (409 is not useful)."""
+        if job_id.startswith("batch_"):  # a batch's anchor: batches are cancelled as batches
+            raise NotFound(f"no job {job_id!r}")
         result = await self.store.transition(
             job_id,
             JobStatus.CANCELLED,
@@ -366,6 +368,41 @@ class JobQueue:
         if result is not None:
             self.notifier.publish(JOBS_AVAILABLE)
         return self._published(result)
+
+    # --- batches (hookline.batches): items are jobs, a batch's events go under its anchor
+
+    async def add_items(self, items: Sequence[Job]) -> None:
+        """Queue a batch's items (already built, queued), with their ``job.queued`` events, in
+        one transaction. An item written before (a resumed write) is skipped."""
+        outcomes = await self.store.insert_jobs(
+            [(job, NewEvent(EventType.QUEUED, {})) for job in items]
+        )
+        self.notifier.publish(JOBS_AVAILABLE)
+        if any(outcome.deliveries for outcome in outcomes):
+            self.notifier.publish(DELIVERIES_AVAILABLE)
+
+    async def batch_progress(self, batch_id: str, batch: dict[str, Any]) -> None:
+        appended = await self.store.append_events(
+            batch_id, "batch", [NewEvent(EventType.BATCH_PROGRESS, batch)], self.clock.now_ms()
+        )
+        if appended is not None:
+            self._announce(batch_id, appended.events, appended.deliveries)
+
+    async def end_batch(self, batch_id: str, event: EventType, batch: dict[str, Any]) -> None:
+        """The batch's terminal event; the anchor's conditional transition makes it happen once."""
+        now = self.clock.now_ms()
+        status = {
+            EventType.BATCH_COMPLETED: JobStatus.SUCCEEDED,
+            EventType.BATCH_FAILED: JobStatus.FAILED,
+        }.get(event, JobStatus.CANCELLED)
+        result = await self.store.transition(
+            batch_id,
+            status,
+            now=now,
+            changes={"finished_at": now, "lease_token": None},
+            events=[NewEvent(event, batch)],
+        )
+        self._published(result)
 
     async def expire_overdue(self, limit: int = 500) -> int:
         """Expire queued jobs whose TTL passed before they started. Returns how many."""

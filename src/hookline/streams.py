@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from typing import Any
 
 from hookline.events import Event, EventType, event_json
-from hookline.jobs import iso
+from hookline.jobs import Job, iso
 from hookline.live import LiveDelta, Message, StreamCursor, Subscription
 from hookline.queue import JobQueue
 
@@ -75,14 +75,17 @@ async def job_stream(
     *,
     poll_seconds: float,
     watching: tuple[Subscription, list[LiveDelta]] | None = None,
+    subject: Job | None = None,
 ) -> AsyncGenerator[list[StreamItem], None]:
     """The job's events after ``cursor``, live, until the terminal one, in batches (what is
     ready at once: a channel sends a batch in one write). Raises NotFound (before yielding
     anything) for a job the tenant does not have. ``watching``: a subscription taken before the
     job was submitted (the facade's), so nothing can have been missed and the first token need
-    not wait for a read of the store."""
+    not wait for a read of the store. Batches stream their events through here too, under the
+    batch's id."""
     if watching is None:
-        job = await queue.get(tenant, job_id)
+        # ``subject``: the row whose events these are, already read (a batch's anchor).
+        job = subject or await queue.get(tenant, job_id)
         subscription, backlog = queue.live.watch_job(job_id)
     else:
         subscription, backlog = watching

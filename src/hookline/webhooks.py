@@ -24,11 +24,13 @@ from hookline.events import Event, EventType
 from hookline.jobs import Job, iso, job_json
 
 SECRET_PREFIX = "whsec_"
-DEFAULT_JOB_EVENTS: tuple[str, ...] = tuple(sorted(e.value for e in EventType if e.is_terminal))
-# Events whose ``data`` is the whole job; the others carry the event's own data.
-_JOB_STATE_EVENTS = frozenset(
-    {EventType.QUEUED, EventType.STARTED, *[e for e in EventType if e.is_terminal]}
+_JOB_TERMINAL = [e for e in EventType if e.is_terminal and e.value.startswith("job.")]
+DEFAULT_JOB_EVENTS: tuple[str, ...] = tuple(sorted(e.value for e in _JOB_TERMINAL))
+DEFAULT_BATCH_EVENTS: tuple[str, ...] = tuple(
+    sorted(e.value for e in EventType if e.is_terminal and e.value.startswith("batch."))
 )
+# Events whose ``data`` is the whole job; batch events carry the batch, the others their own data.
+_JOB_STATE_EVENTS = frozenset({EventType.QUEUED, EventType.STARTED, *_JOB_TERMINAL})
 
 __all__ = ["WebhookEvent", "WebhookVerificationError", "verify"]
 
@@ -52,6 +54,8 @@ def message_body(event: Event, job: Job | None) -> dict[str, Any]:
     """The body of the message that reports ``event``."""
     if job is not None and event.type in _JOB_STATE_EVENTS:
         data: dict[str, Any] = job_json(job)
+    elif event.type.value.startswith("batch."):
+        data = event.data
     else:
         data = {"job_id": event.job_id, "seq": event.seq, **event.data}
     return {"type": event.type.value, "timestamp": iso(event.created_at), "data": data}

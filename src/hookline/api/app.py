@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.responses import Response
 
 from hookline import __version__
-from hookline.api import jobs, openai_compat, streams, webhooks
+from hookline.api import batches, jobs, openai_compat, streams, webhooks
 from hookline.api.limits import BodyLimitMiddleware
 from hookline.api.problems import install_problem_handlers, problem
 from hookline.errors import StoreError
@@ -45,7 +45,14 @@ def create_app(gateway: Gateway, *, manage_gateway: bool = True) -> FastAPI:
     app.router.routes.extend(streams.router.routes)
     app.router.routes.extend(openai_compat.router.routes)
     app.router.routes.extend(webhooks.router.routes)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=gateway.settings.jobs.max_body_bytes)
+    app.router.routes.extend(batches.router.routes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=gateway.settings.jobs.max_body_bytes,
+        upload_paths=("/v1/files", "/v1/batches"),
+        # The file's limit is checked as it streams in; this leaves room for multipart framing.
+        upload_max_bytes=gateway.settings.batches.max_bytes + 1024 * 1024,
+    )
 
     @app.get("/healthz", tags=["health"], summary="Liveness")
     async def healthz() -> dict[str, str]:

@@ -10,17 +10,32 @@ from hookline.api.problems import problem
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """``max_bytes`` for every request, but ``upload_max_bytes`` for uploads (paths starting with
+    one of ``upload_paths``: batch input files, which the routes stream to the store)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        *,
+        upload_paths: tuple[str, ...] = (),
+        upload_max_bytes: int = 0,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_paths = upload_paths
+        self.upload_max_bytes = upload_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_bytes
+        if self.upload_paths and scope["path"].startswith(self.upload_paths):
+            limit = max(limit, self.upload_max_bytes)
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._reject(scope, receive, send)
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await self._reject(scope, receive, send, limit)
                 return
         received = 0
         too_large = False
@@ -32,7 +47,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     too_large = True
                     return {"type": "http.disconnect"}
             return message
@@ -47,12 +62,12 @@ class BodyLimitMiddleware:
             if not too_large:
                 raise
         if too_large:
-            await self._reject(scope, receive, send)
+            await self._reject(scope, receive, send, limit)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         response = problem(
             413,
-            f"the request body is larger than the limit of {self.max_bytes} bytes",
+            f"the request body is larger than the limit of {limit} bytes",
             slug="body-too-large",
         )
         await response(scope, receive, send)

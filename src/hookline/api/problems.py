@@ -17,6 +17,7 @@ from hookline.errors import (
     InvalidRequest,
     NotFound,
     StoreUnavailable,
+    TooLarge,
     Unauthorized,
 )
 
@@ -74,6 +75,7 @@ log = logging.getLogger("hookline.api")
 _ERROR_STATUS: list[tuple[type[HooklineError], int, str]] = [
     (NotFound, 404, "not-found"),
     (Conflict, 409, "conflict"),
+    (TooLarge, 413, "too-large"),
     (InvalidRequest, 422, "invalid-request"),
     (Unauthorized, 401, "unauthorized"),
     (StoreUnavailable, 503, "database-unavailable"),

@@ -56,6 +56,10 @@ jobs = sa.Table(
     sa.Column("lease_expires_at", sa.BigInteger, nullable=True),
     sa.Column("event_seq", sa.Integer, nullable=False),
     sa.Column("webhook", JSONType, nullable=True),  # {"url", "events"} of a per-job webhook
+    # An item of a batch: the batch and the item's line in the input file (1-based).
+    sa.Column("batch_id", sa.String(40), nullable=True),
+    sa.Column("batch_line", sa.Integer, nullable=True),
+    sa.Column("custom_id", sa.String(512), nullable=True),
     # Partial indexes: most jobs have no idempotency key and are not running, and an index entry
     # that is never looked up still costs every insert.
     sa.Index(
@@ -69,6 +73,14 @@ jobs = sa.Table(
     # The claim query: next runnable job of one upstream, highest priority first, then FIFO.
     sa.Index("ix_jobs_claim", "status", "upstream", sa.desc("priority"), "id"),
     sa.Index("ix_jobs_tenant_id", "tenant", "id"),
+    # A batch's items, by status (progress) and by line (the result files).
+    sa.Index(
+        "ix_jobs_batch",
+        "batch_id",
+        "batch_line",
+        sqlite_where=sa.text("batch_id IS NOT NULL"),
+        postgresql_where=sa.text("batch_id IS NOT NULL"),
+    ),
     # Retention: the oldest finished jobs first.
     sa.Index(
         "ix_jobs_finished",
@@ -209,4 +221,68 @@ delivery_attempts = sa.Table(
     sa.Column("response_excerpt", sa.Text, nullable=True),
     sa.Index("ix_delivery_attempts_delivery", "delivery_id", "id"),
     sqlite_autoincrement=True,
+)
+
+# --- batches and files
+
+# Uploaded files (purpose "batch") and the result files of batches; the content is kept in
+# chunks so that a 200 MB file is streamed in and out, never held whole in memory.
+files = sa.Table(
+    "files",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("filename", sa.String(512), nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_files_tenant", "tenant", "id"),
+)
+
+file_chunks = sa.Table(
+    "file_chunks",
+    metadata,
+    sa.Column(
+        "file_id", sa.String(40), sa.ForeignKey("files.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("n", sa.Integer, primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+# A batch. Its items are jobs (jobs.batch_id); its events live in the event log under its id,
+# carried by an anchor row in jobs (operation "batch", never claimed) that holds its sequence and
+# webhook, so streams, the tenant stream and webhooks serve batches as they serve jobs.
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("endpoint", sa.String(64), nullable=False),
+    sa.Column("input_file_id", sa.String(40), nullable=False),
+    sa.Column("output_file_id", sa.String(40), nullable=True),
+    sa.Column("error_file_id", sa.String(40), nullable=True),
+    sa.Column("completion_window", sa.String(16), nullable=False),
+    sa.Column("metadata", JSONType, nullable=True),
+    sa.Column("errors", JSONType, nullable=True),
+    sa.Column("item_events", JSONType, nullable=False),  # job.* types the webhook wants per item
+    sa.Column("total", sa.Integer, nullable=False),
+    sa.Column("completed", sa.Integer, nullable=False),
+    sa.Column("failed", sa.Integer, nullable=False),
+    sa.Column("lines_queued", sa.Integer, nullable=False),  # items written so far (resumable)
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Column("in_progress_at", sa.BigInteger, nullable=True),
+    sa.Column("finalizing_at", sa.BigInteger, nullable=True),
+    sa.Column("completed_at", sa.BigInteger, nullable=True),
+    sa.Column("failed_at", sa.BigInteger, nullable=True),
+    sa.Column("expired_at", sa.BigInteger, nullable=True),
+    sa.Column("cancelling_at", sa.BigInteger, nullable=True),
+    sa.Column("cancelled_at", sa.BigInteger, nullable=True),
+    sa.Column("progress_at", sa.BigInteger, nullable=True),  # last batch.progress event
+    sa.Column("lease_token", sa.String(40), nullable=True),  # the runner looking after it
+    sa.Column("lease_expires_at", sa.BigInteger, nullable=True),
+    sa.Index("ix_batches_tenant", "tenant", "id"),
+    sa.Index("ix_batches_status", "status"),
 )

@@ -20,9 +20,10 @@ from hookline.errors import StoreError
 from hookline.events import Event, EventType, NewEvent
 from hookline.jobs import Job, JobStatus, sources_for
 from hookline.store.base import AcceptOutcome, Appended, Claimed, Store, Transitioned
+from hookline.store.batch_sql import BatchStore
 from hookline.store.database import Database, chosen_once, open_database
 from hookline.store.outbox import endpoints_by_tenant, enqueue_deliveries
-from hookline.store.schema import api_keys, events, jobs, upstream_rates
+from hookline.store.schema import api_keys, batches, events, jobs, upstream_rates
 from hookline.store.webhook_sql import DeliveryStore
 
 # --- named statements
@@ -239,6 +240,7 @@ class SQLStore(Store):
         self.database = database
         self.dialect = database.dialect
         self.webhooks = DeliveryStore(database)
+        self.batches = BatchStore(database)
 
     async def close(self) -> None:
         await self.database.dispose()
@@ -340,7 +342,8 @@ class SQLStore(Store):
         before_id: str | None = None,
         limit: int = 50,
     ) -> list[Job]:
-        query = sa.select(jobs).where(jobs.c.tenant == tenant)
+        # A batch's anchor row is not a job (hookline.batches).
+        query = sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.operation != "batch")
         if statuses:
             query = query.where(jobs.c.status.in_([s.value for s in statuses]))
         if operations:
@@ -538,6 +541,7 @@ class SQLStore(Store):
             ids = list(conn.execute(oldest).scalars())
             if ids:
                 conn.execute(sa.delete(events).where(events.c.job_id.in_(ids)))
+                conn.execute(sa.delete(batches).where(batches.c.id.in_(ids)))  # anchors' batches
                 conn.execute(sa.delete(jobs).where(jobs.c.id.in_(ids)))
             return len(ids)
 
