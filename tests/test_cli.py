@@ -277,3 +277,36 @@ def test_a_webhook_interrupted_by_a_crash_is_sent_after_restart(
     first_try, second_try = receiver.at("/hook")
     assert first_try.id == second_try.id == delivery["id"]  # the same webhook-id: receivers dedupe
     assert delivery["status"] == "succeeded"
+
+
+def test_batch_submit_wait_and_results(tmp_path: Path, env: dict[str, str]) -> None:
+    lines = [
+        json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "m", "messages": [{"role": "user", "content": f"n{i}"}]}})
+        for i in range(6)
+    ]  # fmt: skip
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
+    server = GatewayProcess("serve", env, tmp_path)
+    try:
+        server.start()
+        client_env = {**env, "HOOKLINE_URL": server.url, "HOOKLINE_API_KEY": key}
+        submitted = hookline("batch", "submit", str(source), "--wait", env=client_env)
+        assert submitted.returncode == 0, submitted.stderr
+        batch_id = submitted.stdout.split()[0]
+        assert "completed: 6 completed, 0 failed of 6" in submitted.stdout
+        out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+        results = hookline(
+            "batch", "results", batch_id, "-o", str(out), "--errors", str(errors), env=client_env
+        )
+        assert results.returncode == 0, results.stderr
+        written = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [line["custom_id"] for line in written] == [f"r{i}" for i in range(6)]
+        assert errors.read_text() == ""
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(lines[0] + "\n" + lines[0] + "\n")
+        rejected = hookline("batch", "submit", str(bad), env=client_env)
+        assert rejected.returncode == 1 and "line 2" in rejected.stderr
+    finally:
+        server.stop()

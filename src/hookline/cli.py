@@ -12,6 +12,8 @@ import json
 import logging
 import signal
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,6 +34,10 @@ keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Inspect jobs.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app, name="jobs")
+batch_app = typer.Typer(
+    help="Run batches of requests (OpenAI's Batch format).", no_args_is_help=True
+)
+app.add_typer(batch_app, name="batch")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -366,8 +372,6 @@ def _job_body(
 
 
 def _wait(client: httpx.Client, job: dict[str, Any], timeout: float) -> dict[str, Any]:
-    import time
-
     deadline = time.monotonic() + timeout
     with console.status(f"waiting for {job['id']}…", spinner="dots"):
         while job["status"] in ("queued", "running") and time.monotonic() < deadline:
@@ -416,6 +420,129 @@ def jobs_show(
         print(json.dumps(job, indent=2))
     else:
         _print_job(job)
+
+
+_BATCH_DONE = ("completed", "failed", "expired", "cancelled")
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            yield chunk
+
+
+@batch_app.command("submit")
+def batch_submit(
+    file: Annotated[
+        Path, typer.Argument(help="A JSONL file: {custom_id, method, url, body} a line.")
+    ],
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", help="Default: the lines' url.")
+    ] = None,
+    completion_window: Annotated[str, typer.Option("--completion-window")] = "24h",
+    webhook_url: Annotated[
+        str | None, typer.Option("--webhook-url", help="Called when it ends.")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Show its progress until it ends.")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a batch (the file is streamed, whatever its size); with --wait, a progress bar."""
+    if not file.is_file():
+        err_console.print(f"[red]error:[/red] no file {file}")
+        raise typer.Exit(2)
+    params = {"completion_window": completion_window}
+    if endpoint:
+        params["endpoint"] = endpoint
+    if webhook_url:
+        params["webhook_url"] = webhook_url
+    with _client(url, api_key) as client:
+        batch = _call(
+            client, "POST", "/v1/batches", params=params, content=_file_chunks(file),
+            headers={"Content-Type": "application/jsonl"},
+        )  # fmt: skip
+        if batch["status"] == "failed":
+            _print_batch_errors(batch)
+            raise typer.Exit(1)
+        if wait:
+            batch = _follow_batch(client, batch)
+    if as_json:
+        print(json.dumps(batch, indent=2))
+    else:
+        counts = batch["request_counts"]
+        console.print(
+            f"{batch['id']} {batch['status']}: {counts['completed']} completed, "
+            f"{counts['failed']} failed of {counts['total']}"
+        )
+    if wait and batch["status"] != "completed":
+        raise typer.Exit(1)
+
+
+def _print_batch_errors(batch: dict[str, Any]) -> None:
+    err_console.print(f"[red]batch {batch['id']} failed validation; nothing ran:[/red]")
+    for error in (batch.get("errors") or {}).get("data", []):
+        err_console.print(f"  line {error['line']}: {error['message']}")
+
+
+def _follow_batch(client: httpx.Client, batch: dict[str, Any]) -> dict[str, Any]:
+    """Poll the batch every second under a rich progress bar until it ends."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress("{task.description}", *columns, console=err_console) as progress:
+        task = progress.add_task(batch["id"], total=batch["request_counts"]["total"] or None)
+        while batch["status"] not in _BATCH_DONE:
+            time.sleep(1)
+            batch = _call(client, "GET", f"/v1/batches/{batch['id']}")
+            counts = batch["request_counts"]
+            progress.update(
+                task,
+                completed=counts["completed"] + counts["failed"],
+                total=counts["total"] or None,
+                description=f"{batch['id']} {batch['status']}",
+            )
+    return batch
+
+
+@batch_app.command("results")
+def batch_results(
+    batch_id: str,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the results.")],
+    errors: Annotated[
+        Path | None, typer.Option("--errors", help="Where to write the failed items' lines.")
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Download a finished batch's output file (and its error file, with --errors)."""
+    with _client(url, api_key) as client:
+        batch = _call(client, "GET", f"/v1/batches/{batch_id}")
+        if batch["status"] not in _BATCH_DONE:
+            err_console.print(f"[red]error:[/red] batch {batch_id} is still {batch['status']}")
+            raise typer.Exit(1)
+        written = [_download(client, batch.get("output_file_id"), output)]
+        if errors is not None:
+            written.append(_download(client, batch.get("error_file_id"), errors))
+    console.print(
+        f"{batch_id} {batch['status']}: " + ", ".join(f"{n} lines to {p}" for p, n in written)
+    )
+
+
+def _download(client: httpx.Client, file_id: str | None, path: Path) -> tuple[Path, int]:
+    """Stream a file to ``path`` (empty when the batch has no such file); its line count."""
+    lines = 0
+    with path.open("wb") as handle:
+        if file_id is None:
+            return path, 0
+        with client.stream("GET", f"/v1/files/{file_id}/content") as response:
+            if response.status_code >= 400:
+                err_console.print(f"[red]error {response.status_code}:[/red] {file_id}")
+                raise typer.Exit(1)
+            for chunk in response.iter_bytes():
+                handle.write(chunk)
+                lines += chunk.count(b"\n")
+    return path, lines
 
 
 def main() -> None:
