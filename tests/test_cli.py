@@ -310,3 +310,52 @@ def test_batch_submit_wait_and_results(tmp_path: Path, env: dict[str, str]) -> N
         assert rejected.returncode == 1 and "line 2" in rejected.stderr
     finally:
         server.stop()
+
+
+def test_a_batch_survives_a_crash_midway(
+    tmp_path: Path, env: dict[str, str], threaded_upstream: ScriptedUpstream
+) -> None:
+    config = write_config(tmp_path / "crash.toml", threaded_upstream.base_url, lease_seconds=1)
+    config.write_text(config.read_text() + "\n[batches]\nlease_seconds = 1\npoll_seconds = 0.1\n")
+    env = {**env, "HOOKLINE_CONFIG": str(config)}
+    threaded_upstream.script("m", Reply(first_token_delay=0.1))
+    lines = "".join(
+        json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "m", "messages": [{"role": "user", "content": f"n{i}"}]}})
+        + "\n"
+        for i in range(20)
+    )  # fmt: skip
+    key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    first = GatewayProcess("serve", env, tmp_path)
+    try:
+        first.start()
+        with httpx.Client(base_url=first.url, headers=headers, timeout=30) as client:
+            batch = client.post(
+                "/v1/batches", content=lines, headers={"Content-Type": "application/jsonl"}
+            ).json()
+            deadline = time.monotonic() + 20
+            while (
+                client.get(f"/v1/batches/{batch['id']}").json()["request_counts"]["completed"] < 3
+            ):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        first.kill()  # mid-batch, items in flight
+    finally:
+        first.stop()
+    second = GatewayProcess("serve", env, tmp_path)
+    try:
+        second.start()
+        with httpx.Client(base_url=second.url, headers=headers, timeout=30) as client:
+            deadline = time.monotonic() + 60
+            while (done := client.get(f"/v1/batches/{batch['id']}").json())[
+                "status"
+            ] != "completed":
+                assert time.monotonic() < deadline, done
+                time.sleep(0.1)
+            output = client.get(f"/v1/files/{done['output_file_id']}/content").text
+    finally:
+        second.stop()
+    results = [json.loads(line) for line in output.splitlines()]
+    assert [r["custom_id"] for r in results] == [f"r{i}" for i in range(20)]  # each once, in order
+    assert done["request_counts"] == {"total": 20, "completed": 20, "failed": 0}

@@ -400,6 +400,7 @@ class BatchRunner:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._unsubscribe: Any = None
+        self.lease_token = new_id("lease")
 
     async def start(self) -> None:
         notifier = self.service.queue.notifier
@@ -412,13 +413,14 @@ class BatchRunner:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        with contextlib.suppress(StoreError):  # else its batches wait for the lease to lapse
+            await self.store.release_batches(self.lease_token)
 
     async def _loop(self) -> None:
         config = self.service.config
-        token = new_id("lease")
         while True:
             try:
-                await self.tick(token)
+                await self.tick(self.lease_token)
             except StoreError as exc:
                 log.warning("batch runner: %s", exc)
             except Exception:

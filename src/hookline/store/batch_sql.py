@@ -208,6 +208,15 @@ class BatchStore:
         rows = await self.database.write(lambda conn: list(conn.execute(statement).mappings()))
         return [BatchRecord.from_row(row) for row in rows]
 
+    async def release_batches(self, lease_token: str) -> None:
+        """A runner that stops hands its batches over at once."""
+        statement = (
+            sa.update(batches)
+            .where(batches.c.lease_token == lease_token)
+            .values(lease_token=None, lease_expires_at=None)
+        )
+        await self.database.write(lambda conn: conn.execute(statement))
+
     async def item_counts(self, batch_id: str) -> dict[str, int]:
         """How many of the batch's items are in each job status."""
         query = (
