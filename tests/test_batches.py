@@ -4,15 +4,19 @@ validation, cancel, restart, per-item failures, callbacks, and interactive work 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import itertools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
 import pytest
+import sqlalchemy as sa
 from standardwebhooks.webhooks import Webhook
 
 from hookline.config import BatchesConfig
+from hookline.store.schema import batches, jobs
 from tests.conftest import LiveGateway, gateway_settings, serve
 from tests.scripted_upstream import Reply, ScriptedUpstream, Status
 from tests.sse import read_sse
@@ -311,3 +315,58 @@ async def _lines_of(live: LiveGateway, file_id: str | None) -> list[dict[str, An
     content = await live.client.get(f"/v1/files/{file_id}/content")
     assert content.status_code == 200
     return [json.loads(line) for line in content.text.splitlines()]
+
+
+async def test_a_batch_past_its_window_expires_with_partial_results(
+    database_url: str, upstream: ScriptedUpstream
+) -> None:
+    upstream.script("m", Reply(first_token_delay=0.1))
+    settings = gateway_settings(
+        database_url, upstream.base_url, batches=FAST_BATCHES, upstream={"max_concurrency": 1}
+    )
+    async with serve(settings) as live:
+        batch = await _submit(live, _jsonl(12))
+        await _until_completed(live, batch["id"], 2)
+        # The window passes (a day is too long to wait for: its end is moved to now).
+        passed = [
+            sa.update(batches).where(batches.c.id == batch["id"]).values(expires_at=1),
+            sa.update(jobs).where(jobs.c.batch_id == batch["id"]).values(expires_at=1),
+        ]
+        await live.gateway.store.database.write(
+            lambda conn: [conn.execute(statement) for statement in passed]
+        )
+        done = await _wait(live, batch["id"])
+        output = await _lines_of(live, done["output_file_id"])
+        errors = await _lines_of(live, done["error_file_id"])
+        events = (await live.client.get(f"/v1/batches/{batch['id']}/events")).json()["data"]
+    assert done["status"] == "expired" and done["expired_at"]
+    assert len(output) >= 2 and len(output) + len(errors) == 12
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert [e["type"] for e in events][-1] == "batch.expired"
+
+
+async def test_progress_is_throttled_and_reaches_the_tenant_stream(
+    database_url: str, upstream: ScriptedUpstream
+) -> None:
+    upstream.script("m", Reply(first_token_delay=0.05))
+    settings = gateway_settings(
+        database_url, upstream.base_url, batches=FAST_BATCHES, upstream={"max_concurrency": 2}
+    )
+    async with serve(settings) as live:
+        batch = await _submit(live, _jsonl(40))
+        done = await _wait(live, batch["id"])
+        events = (await live.client.get(f"/v1/batches/{batch['id']}/events")).json()["data"]
+        tenant = await read_sse(
+            live.client, "/v1/events", params={"type": "batch.completed"}, limit=1
+        )
+    assert done["status"] == "completed"
+    progress = [e for e in events if e["type"] == "batch.progress"]
+    assert len(progress) >= 2  # the batch took over a second; progress every 0.2 s at most
+    times = [datetime.datetime.fromisoformat(e["created_at"]) for e in progress]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.2 - 0.005, gaps  # never more often than progress_seconds
+    counts = [e["data"]["request_counts"]["completed"] for e in progress]
+    assert counts == sorted(counts) and counts[-1] < 40
+    assert [e["type"] for e in events][-1] == "batch.completed"
+    assert sum(e["type"] == "batch.completed" for e in events) == 1
+    assert tenant.messages[0].json()["data"]["id"] == batch["id"]
