@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from bench.streams import cpu_seconds, rss_mib
-from bench.submit import free_port, reset_postgres, start, stop, wait_ready
+from bench.submit import free_port, reset_postgres, start, start_upstream, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,14 +107,8 @@ def main() -> None:
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
-    upstream_port = free_port()
-    upstream = start(
-        [sys.executable, "-m", "bench.upstream", str(upstream_port), str(args.tokens)],
-        {"PYTHONPATH": str(ROOT)},
-        ROOT,
-    )
+    upstream, upstream_port = start_upstream(args.tokens)
     try:
-        time.sleep(1.5)
         for items in args.items:
             with tempfile.TemporaryDirectory() as data:
                 if args.database == "sqlite":

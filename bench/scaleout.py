@@ -29,7 +29,7 @@ from pathlib import Path
 import asyncpg
 
 from bench.streams import cpu_seconds, rss_mib
-from bench.submit import free_port, reset_postgres, start, stop
+from bench.submit import reset_postgres, start, start_upstream, stop
 from hookline.config import load_settings
 from hookline.gateway import Gateway
 from hookline.jobs import Operation
@@ -225,14 +225,8 @@ def main() -> None:
     parser.add_argument("--max-concurrency", type=int, default=256)
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
-    upstream_port = free_port()
-    upstream = start(
-        [sys.executable, "-m", "bench.upstream", str(upstream_port), str(args.tokens)],
-        {"PYTHONPATH": str(ROOT)},
-        ROOT,
-    )
+    upstream, upstream_port = start_upstream(args.tokens)
     try:
-        time.sleep(1.5)
         with tempfile.TemporaryDirectory() as workdir:
             if args.jobs:
                 throughput(args, Path(workdir), upstream_port, upstream.pid)

@@ -68,6 +68,18 @@ def start(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Pope
     )
 
 
+def start_upstream(tokens: int) -> tuple[subprocess.Popen[bytes], int]:
+    """bench/upstream.py as its own process on a free port, ready: (the process, its port)."""
+    port = free_port()
+    process = start(
+        [sys.executable, "-m", "bench.upstream", str(port), str(tokens)],
+        {"PYTHONPATH": str(ROOT)},
+        ROOT,
+    )
+    time.sleep(1.5)
+    return process, port
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.send_signal(signal.SIGTERM)
     try:

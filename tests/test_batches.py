@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from standardwebhooks.webhooks import Webhook
 
-from hookline.config import BatchesConfig
+from hookline.config import BatchesConfig, Settings
 from hookline.store.schema import batches, jobs
 from tests.conftest import LiveGateway, gateway_settings, serve
 from tests.scripted_upstream import Reply, ScriptedUpstream, Status
@@ -214,10 +214,7 @@ async def test_per_item_failures_land_in_the_error_file(
 async def test_cancel_midway_keeps_what_finished(
     database_url: str, upstream: ScriptedUpstream
 ) -> None:
-    upstream.script("m", Reply(first_token_delay=0.15))
-    settings = gateway_settings(
-        database_url, upstream.base_url, batches=FAST_BATCHES, upstream={"max_concurrency": 2}
-    )
+    settings = _paced(database_url, upstream, delay=0.15, concurrency=2)
     async with serve(settings) as live:
         batch = await _submit(live, _jsonl(30))
         await _until_completed(live, batch["id"], 2)
@@ -235,10 +232,7 @@ async def test_cancel_midway_keeps_what_finished(
 async def test_a_restart_midway_continues_and_runs_nothing_twice(
     database_url: str, upstream: ScriptedUpstream
 ) -> None:
-    upstream.script("m", Reply(first_token_delay=0.05))
-    settings = gateway_settings(
-        database_url, upstream.base_url, batches=FAST_BATCHES, upstream={"max_concurrency": 2}
-    )
+    settings = _paced(database_url, upstream, delay=0.05, concurrency=2)
     async with serve(settings) as live:
         batch = await _submit(live, _jsonl(20))
         await _until_completed(live, batch["id"], 3)
@@ -256,10 +250,7 @@ async def test_a_restart_midway_continues_and_runs_nothing_twice(
 async def test_interactive_jobs_are_served_while_a_big_batch_runs(
     database_url: str, upstream: ScriptedUpstream
 ) -> None:
-    upstream.script("m", Reply(first_token_delay=0.05))
-    settings = gateway_settings(
-        database_url, upstream.base_url, batches=FAST_BATCHES, upstream={"max_concurrency": 2}
-    )
+    settings = _paced(database_url, upstream, delay=0.05, concurrency=2)
     async with serve(settings) as live:
         batch = await _submit(live, _jsonl(60))
         await _until_completed(live, batch["id"], 2)
@@ -276,6 +267,18 @@ async def test_interactive_jobs_are_served_while_a_big_batch_runs(
 
 
 FAST_BATCHES = BatchesConfig(poll_seconds=0.05, progress_seconds=0.2)
+
+
+def _paced(
+    database_url: str, upstream: ScriptedUpstream, *, delay: float, concurrency: int
+) -> Settings:
+    """A gateway whose items take ``delay`` each, ``concurrency`` at a time: long enough to act
+    on a batch midway."""
+    upstream.script("m", Reply(first_token_delay=delay))
+    return gateway_settings(
+        database_url, upstream.base_url, batches=FAST_BATCHES,
+        upstream={"max_concurrency": concurrency},
+    )  # fmt: skip
 
 
 async def _submit(live: LiveGateway, jsonl: bytes) -> dict[str, Any]:
@@ -320,10 +323,7 @@ async def _lines_of(live: LiveGateway, file_id: str | None) -> list[dict[str, An
 async def test_a_batch_past_its_window_expires_with_partial_results(
     database_url: str, upstream: ScriptedUpstream
 ) -> None:
-    upstream.script("m", Reply(first_token_delay=0.1))
-    settings = gateway_settings(
-        database_url, upstream.base_url, batches=FAST_BATCHES, upstream={"max_concurrency": 1}
-    )
+    settings = _paced(database_url, upstream, delay=0.1, concurrency=1)
     async with serve(settings) as live:
         batch = await _submit(live, _jsonl(12))
         await _until_completed(live, batch["id"], 2)
@@ -348,10 +348,7 @@ async def test_a_batch_past_its_window_expires_with_partial_results(
 async def test_progress_is_throttled_and_reaches_the_tenant_stream(
     database_url: str, upstream: ScriptedUpstream
 ) -> None:
-    upstream.script("m", Reply(first_token_delay=0.05))
-    settings = gateway_settings(
-        database_url, upstream.base_url, batches=FAST_BATCHES, upstream={"max_concurrency": 2}
-    )
+    settings = _paced(database_url, upstream, delay=0.05, concurrency=2)
     async with serve(settings) as live:
         batch = await _submit(live, _jsonl(40))
         done = await _wait(live, batch["id"])
