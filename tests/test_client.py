@@ -1,0 +1,206 @@
+"""hookline.Client and hookline.AsyncClient against a live hookline on SQLite.
+
+Faults the client must survive (a response lost after the server acted, a stream cut mid-way)
+are made by a transport that forwards to the real server and then drops what came back."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hookline import (
+    AsyncClient,
+    AuthError,
+    Client,
+    Event,
+    JobFailed,
+    NotFound,
+    RateLimited,
+    TextDelta,
+    Timeout,
+)
+from hookline.client import _raise_for
+from tests.conftest import LiveGateway, gateway_settings, serve
+from tests.scripted_upstream import Hang, Reply, ScriptedUpstream, Status
+
+CHAT = {"messages": [{"role": "user", "content": "hello there"}]}
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
+    path = tmp_path / "client.db"
+    shutil.copy(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+async def live(sqlite_url: str, upstream: ScriptedUpstream) -> AsyncIterator[LiveGateway]:
+    async with serve(gateway_settings(sqlite_url, upstream.base_url)) as gateway:
+        yield gateway
+
+
+@pytest.fixture
+async def client(live: LiveGateway) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(live.base_url, live.api_key) as hookline:
+        yield hookline
+
+
+class _Dropping(httpx.AsyncBaseTransport):
+    """Forwards to the real server; drops the first response of requests ``drop`` picks (after
+    the server handled them), or cuts the first event stream after ``cut_after`` lines."""
+
+    def __init__(self, drop: Any = None, cut_after: int | None = None) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.drop = drop
+        self.cut_after = cut_after
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        response = await self.inner.handle_async_request(request)
+        if self.drop is not None and self.drop(request):
+            self.drop = None
+            await response.aread()
+            raise httpx.ReadError("connection reset (injected)", request=request)
+        if self.cut_after is not None and request.headers.get("accept") == "text/event-stream":
+            limit, self.cut_after = self.cut_after, None
+            return httpx.Response(
+                response.status_code, headers=response.headers,
+                stream=_Cut(response, limit), request=request,
+            )  # fmt: skip
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _Cut(httpx.AsyncByteStream):
+    def __init__(self, response: httpx.Response, lines: int) -> None:
+        self.response = response
+        self.lines = lines
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self.response.aiter_raw():
+            for line in chunk.split(b"\n\n")[:-1] or [chunk]:
+                seen += 1
+                yield line + b"\n\n"
+                if seen >= self.lines:
+                    await self.response.aclose()
+                    raise httpx.ReadError("stream cut (injected)")
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+async def test_submit_get_wait_list_cancel(client: AsyncClient, upstream: ScriptedUpstream) -> None:
+    job = await client.submit("chat.completions", CHAT, model="m", metadata={"k": "v"})
+    assert job.status in ("queued", "running", "succeeded") and job.metadata == {"k": "v"}
+    done = await client.wait(job, timeout=20)
+    assert done.status == "succeeded" and done.text == "echo: hello there"
+    assert (await client.get(job.id)).id == job.id
+    for _ in range(3):
+        await client.submit("chat.completions", CHAT, model="m")
+    listed = [j.id async for j in client.list(page_size=2)]  # three pages of two
+    assert len(listed) == 4 and listed[-1] == job.id
+    upstream.script("m", Hang(60))
+    slow = await client.submit("chat.completions", CHAT, model="m")
+    with pytest.raises(Timeout):
+        await client.wait(slow, timeout=1)
+    cancelled = await client.cancel(slow)
+    assert cancelled.status == "cancelled"
+    with pytest.raises(JobFailed) as failed:
+        await client.wait(slow)
+    assert failed.value.job.status == "cancelled"
+
+
+async def test_exceptions(
+    live: LiveGateway, client: AsyncClient, upstream: ScriptedUpstream
+) -> None:
+    upstream.script("bad", Status(400, message="the model refuses"))
+    job = await client.submit("chat.completions", CHAT, model="bad")
+    with pytest.raises(JobFailed) as failed:
+        await client.wait(job, timeout=20)
+    assert "the model refuses" in str(failed.value.error)
+    with pytest.raises(NotFound):
+        await client.get("job_nope")
+    async with AsyncClient(live.base_url, "hk_wrong") as stranger:
+        with pytest.raises(AuthError):
+            await stranger.get(job.id)
+    request = httpx.Request("GET", "http://127.0.0.1/")
+    with pytest.raises(RateLimited) as limited:
+        _raise_for(httpx.Response(429, headers={"Retry-After": "7"}, json={}, request=request))
+    assert limited.value.retry_after == 7
+
+
+async def test_a_submit_retried_after_a_lost_response_makes_one_job(live: LiveGateway) -> None:
+    transport = _Dropping(drop=lambda r: r.method == "POST" and r.url.path == "/v1/jobs")
+    async with AsyncClient(
+        live.base_url, live.api_key, http_client=httpx.AsyncClient(transport=transport)
+    ) as client:
+        job = await client.submit("chat.completions", CHAT, model="m")
+        jobs = [j async for j in client.list()]
+    posts = [r for r in transport.requests if r.method == "POST"]
+    assert len(posts) == 2  # the first one's answer was lost
+    assert posts[0].headers["idempotency-key"] == posts[1].headers["idempotency-key"]
+    assert [j.id for j in jobs] == [job.id]  # one job
+
+
+async def test_stream_resumes_after_a_dropped_connection(
+    live: LiveGateway, upstream: ScriptedUpstream
+) -> None:
+    text = "".join(f"part{i} " for i in range(12))
+    upstream.script("m", Reply(text=text, chunks=12, token_delay=0.05))
+    transport = _Dropping(cut_after=4)
+    async with AsyncClient(
+        live.base_url, live.api_key, http_client=httpx.AsyncClient(transport=transport)
+    ) as client:
+        job = await client.submit("chat.completions", CHAT, model="m")
+        items = [item async for item in client.stream(job)]
+    streams = [r for r in transport.requests if r.headers.get("accept") == "text/event-stream"]
+    assert len(streams) == 2 and "last-event-id" in streams[1].headers  # cut, then resumed
+    assert "".join(i.text for i in items if isinstance(i, TextDelta)) == text
+    events = [i.type for i in items if isinstance(i, Event)]
+    assert events[-1] == "job.succeeded" and events.count("job.succeeded") == 1
+
+
+async def test_batch_helpers(client: AsyncClient) -> None:
+    lines = [
+        {"custom_id": f"b{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", **CHAT}}
+        for i in range(3)
+    ]  # fmt: skip
+    batch = await client.submit_batch(lines)
+    done = await client.wait_batch(batch, timeout=30, poll=0.1)
+    assert (done.status, done.total, done.completed) == ("completed", 3, 3)
+    results = [r async for r in client.batch_results(done)]
+    assert [r.custom_id for r in results] == ["b0", "b1", "b2"]
+    assert all(r.ok and r.body is not None for r in results)
+
+
+async def test_the_blocking_client(live: LiveGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOKLINE_URL", live.base_url)
+    monkeypatch.setenv("HOOKLINE_API_KEY", live.api_key)
+
+    def use() -> tuple[str | None, str, int, int]:
+        with Client() as client:  # configured from the environment
+            job = client.submit("chat.completions", CHAT, model="m")
+            done = client.wait(job, timeout=20)
+            text = "".join(i.text for i in client.stream(job) if isinstance(i, TextDelta))
+            batch = client.wait_batch(
+                client.submit_batch([{"custom_id": "x", "method": "POST",
+                                      "url": "/v1/chat/completions",
+                                      "body": {"model": "m", **CHAT}}]),
+                timeout=30, poll=0.1,
+            )  # fmt: skip
+            return done.text, text, len(list(client.list())), len(list(client.batch_results(batch)))
+
+    done_text, streamed, listed, results = await asyncio.to_thread(use)
+    assert done_text == streamed == "echo: hello there"
+    assert listed == 2 and results == 1  # the job and the batch's item
