@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from standardwebhooks.webhooks import Webhook
 
 from hookline.relay import relay_directory
 from tests.processes import GatewayProcess, hookline, write_config
@@ -359,3 +360,65 @@ def test_a_batch_survives_a_crash_midway(
     results = [json.loads(line) for line in output.splitlines()]
     assert [r["custom_id"] for r in results] == [f"r{i}" for i in range(20)]  # each once, in order
     assert done["request_counts"] == {"total": 20, "completed": 20, "failed": 0}
+
+
+def test_listen_forwards_signed_events_and_resumes(
+    tmp_path: Path, env: dict[str, str], threaded_upstream: ScriptedUpstream
+) -> None:
+    key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
+    server = GatewayProcess("serve", env, tmp_path)
+    state = tmp_path / "listen.json"
+    state.write_text('{"after": 0}')  # from the beginning (a first start takes only new events)
+    try:
+        server.start()
+        client_env = {**env, "HOOKLINE_URL": server.url, "HOOKLINE_API_KEY": key}
+        headers = {"Authorization": f"Bearer {key}"}
+        with (
+            Threaded(WebhookReceiver()) as receiver,
+            httpx.Client(base_url=server.url, headers=headers, timeout=30) as client,
+        ):
+            secret = client.get("/v1/webhook-secret").json()["secret"]
+            first = [client.post("/v1/jobs", json=CHAT).json()["id"] for _ in range(2)]
+            for job_id in first:
+                client.get(f"/v1/jobs/{job_id}", params={"wait": 20})
+            listen = [
+                "listen", "--forward-to", receiver.url(), "--events", "job.succeeded",
+                "--state-file", str(state),
+            ]  # fmt: skip
+            ran = hookline(*listen, "--max-events", "2", env=client_env)
+            assert ran.returncode == 0, ran.stderr
+            assert ran.stdout.count("job.succeeded") == 2 and "200" in ran.stdout
+            later = client.post("/v1/jobs", json=CHAT).json()["id"]
+            client.get(f"/v1/jobs/{later}", params={"wait": 20})
+            again = hookline(*listen, "--max-events", "1", env=client_env)  # resumes
+            assert again.returncode == 0, again.stderr
+            received = receiver.at("/hook")
+    finally:
+        server.stop()
+    bodies = [Webhook(secret).verify(r.body, r.headers) for r in received]  # signed for real
+    assert [body["data"]["id"] for body in bodies] == [*first, later]  # nothing twice
+    assert all(body["type"] == "job.succeeded" for body in bodies)
+    assert bodies[0]["data"]["status"] == "succeeded"  # the job, as a real webhook carries it
+    assert all(r.id.startswith("msg_listen_") for r in received)
+
+
+def test_jobs_tail_prints_output_live_then_the_status(
+    tmp_path: Path, env: dict[str, str], threaded_upstream: ScriptedUpstream
+) -> None:
+    text = "".join(f"w{i} " for i in range(10))
+    threaded_upstream.script("m", Reply(text=text, chunks=10, token_delay=0.05))
+    key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
+    server = GatewayProcess("serve", env, tmp_path)
+    try:
+        server.start()
+        client_env = {**env, "HOOKLINE_URL": server.url, "HOOKLINE_API_KEY": key}
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as c:
+            job = c.post("/v1/jobs", json=CHAT).json()["id"]
+        tail = hookline("jobs", "tail", job, env=client_env)
+        missing = hookline("jobs", "tail", "job_nope", env=client_env)
+    finally:
+        server.stop()
+    assert tail.returncode == 0, tail.stderr
+    assert tail.stdout.strip() == text.strip()
+    assert f"{job} succeeded" in tail.stderr
+    assert missing.returncode == 1 and "404" in missing.stderr

@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hookline.client import ClientError
 from hookline.config import Settings, load_settings
 from hookline.errors import HooklineError
 
@@ -420,6 +421,84 @@ def jobs_show(
         print(json.dumps(job, indent=2))
     else:
         _print_job(job)
+
+
+@app.command()
+def listen(
+    forward_to: Annotated[
+        str,
+        typer.Option(
+            "--forward-to", help="The local URL to deliver to, e.g. http://localhost:3000/hook"
+        ),
+    ],
+    events: Annotated[
+        list[str] | None, typer.Option("--events", help="Only these event types (repeatable).")
+    ] = None,
+    state_file: Annotated[
+        Path | None, typer.Option("--state-file", help="Where the resume point is kept.")
+    ] = None,
+    max_events: Annotated[
+        int | None, typer.Option("--max-events", help="Stop after this many deliveries.")
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Forward your tenant's events to a local URL, signed like real webhooks (development without
+    a public URL); resumes where it stopped."""
+    from hookline.listen import Delivery, Listener, default_state_file
+
+    def report(delivery: Delivery) -> None:
+        if delivery.status is None:
+            outcome = f"[red]failed[/red] {delivery.error}"
+        elif 200 <= delivery.status < 300:
+            outcome = f"[green]{delivery.status}[/green] {delivery.millis:.0f} ms"
+        else:
+            outcome = f"[yellow]{delivery.status}[/yellow] {delivery.millis:.0f} ms"
+        console.print(f"{delivery.type:<18} {delivery.subject}  → {outcome}", highlight=False)
+
+    with _client(url, api_key) as client:
+        assert api_key is not None
+        state = state_file or default_state_file(url, api_key, forward_to)
+        listener = Listener(client, forward_to, events=events, state_file=state)
+        err_console.print(f"forwarding events of {url} to {forward_to} (Ctrl-C to stop)")
+        try:
+            listener.run(report, limit=max_events)
+        except ClientError as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+
+
+@jobs_app.command("tail")
+def jobs_tail(job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
+    """Print a job's output as it is produced, then its final status."""
+    from hookline.client import Client, Event, TextDelta
+
+    _client(url, api_key).close()  # the same clear error when there is no key
+    attempt = 1
+    try:
+        with Client(url, api_key) as client:
+            for item in client.stream(job_id):
+                if isinstance(item, TextDelta):
+                    sys.stdout.write(item.text)
+                    sys.stdout.flush()
+                elif (
+                    isinstance(item, Event)
+                    and item.type == "job.started"
+                    and item.data.get("attempt", 1) > attempt
+                ):
+                    attempt = item.data["attempt"]
+                    err_console.print(f"\n[yellow]attempt {attempt} starts over[/yellow]")
+            job = client.get(job_id)
+    except ClientError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    print()
+    line = f"{job.id} {job.status}"
+    if job.error:
+        line += f": {job.error.get('message')}"
+    err_console.print(line)
+    if job.status != "succeeded":
+        raise typer.Exit(1)
 
 
 _BATCH_DONE = ("completed", "failed", "expired", "cancelled")

@@ -113,7 +113,9 @@ async def tenant_events(
     request: Request,
     gateway: GatewayDep,
     tenant: TenantDep,
-    after: Annotated[str | None, Query(description="Resume after this event id")] = None,
+    after: Annotated[
+        str | None, Query(description="Resume after this event id; 'latest': only new events")
+    ] = None,
     type: Annotated[
         list[str] | None, Query(description="Only these event types (repeatable)")
     ] = None,
@@ -122,6 +124,8 @@ async def tenant_events(
     event's store-wide id, so ``Last-Event-ID`` resumes. Live output arrives as the coalesced
     ``job.output.delta`` events (per job streams carry it token by token)."""
     token = request.headers.get("last-event-id") or after or "0"
+    if token == "latest":  # only what happens from now on
+        token = str(await gateway.store.latest_tenant_event_id(tenant))
     if not (token.isascii() and token.isdigit() and len(token) <= 18):
         raise InvalidRequest(f"bad Last-Event-ID or after: {token[:60]!r} is not an event id")
     stream = tenant_stream(

@@ -113,6 +113,10 @@ class Store(abc.ABC):
         """The tenant's events with store-wide ``id`` > ``after_id``, in id order."""
 
     @abc.abstractmethod
+    async def latest_tenant_event_id(self, tenant: str) -> int:
+        """The store-wide id of the tenant's newest event (0 if none)."""
+
+    @abc.abstractmethod
     async def claim_jobs(
         self,
         upstream: str,

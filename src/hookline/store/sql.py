@@ -373,6 +373,11 @@ class SQLStore(Store):
             where = (*where, events.c.txid < _OLDEST_RUNNING_TRANSACTION)
         return await self._read_events(where, events.c.id, limit)
 
+    async def latest_tenant_event_id(self, tenant: str) -> int:
+        query = sa.select(sa.func.max(events.c.id)).where(events.c.tenant == tenant)
+        latest = await self.database.read(lambda conn: conn.execute(query).scalar())
+        return int(latest or 0)
+
     async def _read_events(
         self, where: tuple[sa.ColumnElement[bool], ...], order: sa.Column[Any], limit: int
     ) -> list[Event]:
