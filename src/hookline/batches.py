@@ -32,11 +32,11 @@ from typing import Any
 import orjson
 
 from hookline.clock import Clock
-from hookline.config import Settings
+from hookline.config import BatchesConfig, Settings
 from hookline.errors import InvalidRequest, NotFound, StoreError, TooLarge
 from hookline.events import EventType
 from hookline.ids import new_id
-from hookline.jobs import Job, JobStatus, Operation, iso
+from hookline.jobs import Job, JobStatus, Operation
 from hookline.queue import JobQueue
 from hookline.store.batch_sql import BatchRecord, BatchStore, FileRecord
 from hookline.webhooks import DEFAULT_BATCH_EVENTS
@@ -122,7 +122,7 @@ class BatchService:
         self.clock = clock
 
     @property
-    def config(self) -> Any:
+    def config(self) -> BatchesConfig:
         return self.settings.batches
 
     # --- files
@@ -561,4 +561,4 @@ def result_line(item: Job) -> tuple[dict[str, Any], bool]:
     return {**base, "response": None, "error": {"code": code, "message": message}}, False
 
 
-__all__ = ["BatchRequest", "BatchRunner", "BatchService", "batch_json", "file_json", "iso"]
+__all__ = ["BatchRequest", "BatchRunner", "BatchService", "batch_json", "file_json"]

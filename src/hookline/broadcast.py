@@ -62,6 +62,7 @@ class Broadcast:
         self.origin = secrets.token_hex(6)  # this process's mark: its own NOTIFYs come back to it
         self.connected = asyncio.Event()
         self._items: list[bytes] = []  # JSON items waiting for the next NOTIFY
+        self._topics: set[tuple[str, str]] = set()  # the topics among them
         self._ready = asyncio.Event()
         self._remote_watches: dict[str, float] = {}  # key -> loop time the watch lapses
         self._task: asyncio.Task[None] | None = None
@@ -95,6 +96,9 @@ class Broadcast:
         self._ready.set()
 
     def _forward_topic(self, topic: str, payload: str) -> None:
+        if (topic, payload) in self._topics:
+            return  # already on its way: a burst of accepts sends "jobs.available" once
+        self._topics.add((topic, payload))
         self._queue(["t", topic, payload])
 
     def _announce_watch(self, key: str) -> None:
@@ -139,6 +143,7 @@ class Broadcast:
     def _payloads(self) -> list[str]:
         """The queued items as NOTIFY payloads, each under the size limit."""
         items, self._items = self._items, []
+        self._topics.clear()
         head = b'{"o":"%s","i":[' % self.origin.encode()
         payloads: list[str] = []
         current: list[bytes] = []
