@@ -87,13 +87,18 @@ class _Cut(httpx.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = 0
+        buffer = b""
         async for chunk in self.response.aiter_raw():
-            for line in chunk.split(b"\n\n")[:-1] or [chunk]:
+            buffer += chunk
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                yield event + b"\n\n"
                 seen += 1
-                yield line + b"\n\n"
                 if seen >= self.lines:
                     await self.response.aclose()
                     raise httpx.ReadError("stream cut (injected)")
+        if buffer:
+            yield buffer
 
     async def aclose(self) -> None:
         await self.response.aclose()

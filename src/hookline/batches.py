@@ -456,7 +456,13 @@ class BatchRunner:
         completed = counts.get(JobStatus.SUCCEEDED.value, 0)
         if (completed, done - completed) != (batch.completed, batch.failed):
             await self._progress(batch, completed, done - completed, now)
-        if done < batch.total or batch.status == "validating":
+        total = batch.total
+        stale = now - batch.updated_at >= service.config.lease_seconds * 1000
+        if batch.status == "cancelling" and batch.lines_queued < total and stale:
+            total = (
+                batch.lines_queued
+            )  # cancelled while its items were written, by a process gone since
+        if done < total or batch.status == "validating":
             return
         if batch.status == "cancelling":
             ending, stamp = "cancelled", "cancelled_at"

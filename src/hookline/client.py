@@ -263,10 +263,22 @@ def _batch_id(batch: Batch | str) -> str:
     return batch.id if isinstance(batch, Batch) else batch
 
 
-def _jsonl(lines: Iterable[Mapping[str, Any]] | str | Path) -> bytes | Iterator[bytes]:
+def _jsonl(lines: Iterable[Mapping[str, Any]] | str | Path) -> Iterator[bytes]:
+    """The JSONL body, a piece at a time (a file is read in 1 MB chunks, never whole)."""
     if isinstance(lines, str | Path):
-        return Path(lines).read_bytes()
+        return _file_chunks(Path(lines))
     return (orjson.dumps(line) + b"\n" for line in lines)
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            yield chunk
+
+
+async def _async_chunks(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 def _batch_params(
@@ -643,9 +655,8 @@ class AsyncClient:
         webhook: str | None = None,
         completion_window: str = "24h",
     ) -> Batch:
-        content = _jsonl(lines)
         response = await self._http.post(
-            "/v1/batches", content=content if isinstance(content, bytes) else b"".join(content),
+            "/v1/batches", content=_async_chunks(_jsonl(lines)),
             params=_batch_params(endpoint, webhook, completion_window),
             headers={"Content-Type": "application/jsonl"},
         )  # fmt: skip
