@@ -168,7 +168,10 @@ def test_live_output_crosses_from_a_worker_process_to_the_api_process(
         while not list(sockets.glob("*.sock")) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert list(sockets.glob("*.sock")), "the worker process never served its live relay"
-        time.sleep(1.5)
+        # The api process looks for sockets every half second: wait until it follows this one.
+        while "live relay: following" not in api.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "live relay: following" in api.log.read_text(), api.log.read_text()
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=api.url, headers=headers, timeout=30) as client:
             job = client.post("/v1/jobs", json=CHAT).json()

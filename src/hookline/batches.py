@@ -432,10 +432,11 @@ class BatchRunner:
 
     async def tick(self, token: str) -> None:
         """One pass over the batches this runner holds (or can take)."""
-        now = self.clock.now_ms()
-        lease = now + int(self.service.config.lease_seconds * 1000)
-        for batch in await self.store.claim_batches(ACTIVE, now, token, lease):
-            await self._drive(batch)
+        if await self.store.any_in(ACTIVE):  # most of the time there is none: no write then
+            now = self.clock.now_ms()
+            lease = now + int(self.service.config.lease_seconds * 1000)
+            for batch in await self.store.claim_batches(ACTIVE, now, token, lease):
+                await self._drive(batch)
         await self._repair_terminal_events()
 
     async def _drive(self, batch: BatchRecord) -> None:

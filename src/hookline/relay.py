@@ -133,6 +133,7 @@ class RelayClient:
         self.directory = directory
         self.own = directory / f"{os.getpid()}.sock"
         self._connections: dict[Path, asyncio.Task[None]] = {}
+        self._refused: set[Path] = set()
         self._scanner: asyncio.Task[None] | None = None
         self.scanned = asyncio.Event()
 
@@ -157,12 +158,20 @@ class RelayClient:
         try:
             reader, writer = await asyncio.open_unix_connection(str(path), limit=2**24)
         except ConnectionRefusedError:
-            _remove(path)  # nobody listens: a process that died without cleaning up
+            # Nobody listens: a process that died without cleaning up, or one that has bound its
+            # socket but not yet listens. Only a socket refused a second time, a scan later, is
+            # removed.
+            if path in self._refused:
+                _remove(path)
+                self._refused.discard(path)
+            else:
+                self._refused.add(path)
             self._connections.pop(path, None)
             return
         except OSError:
             self._connections.pop(path, None)
             return
+        self._refused.discard(path)
         log.info("live relay: following %s", path.name)
         try:
             while line := await reader.readline():

@@ -181,6 +181,11 @@ class BatchStore:
         row = await self.database.write(lambda conn: conn.execute(statement).mappings().first())
         return BatchRecord.from_row(row) if row else None
 
+    async def any_in(self, statuses: Collection[str]) -> bool:
+        """Whether some batch is in one of ``statuses`` (a read, before any write)."""
+        query = sa.select(batches.c.id).where(batches.c.status.in_(list(statuses))).limit(1)
+        return await self.database.read(lambda conn: conn.execute(query).first() is not None)
+
     async def claim_batches(
         self, statuses: Collection[str], now: int, lease_token: str, lease_expires_at: int
     ) -> list[BatchRecord]:
