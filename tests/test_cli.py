@@ -152,7 +152,7 @@ def test_live_output_crosses_from_a_worker_process_to_the_api_process(
     env = {**env, "HOOKLINE_CONFIG": str(config)}
     text = "".join(f"r{i} " for i in range(30))
     threaded_upstream.script(
-        "m", Reply(text=text, chunks=30, first_token_delay=1.5, token_delay=0.03)
+        "m", Reply(text=text, chunks=30, first_token_delay=2.5, token_delay=0.03)
     )
     assert hookline("migrate", env=env).returncode == 0
     key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()

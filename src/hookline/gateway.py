@@ -78,7 +78,8 @@ class Gateway:
         self._queue = JobQueue(self._store, self.settings, clock=self.clock, notifier=self.notifier)
         self._keys = KeyRing(self._store, self.clock)
         self._batches = BatchService(self._store.batches, self._queue, self.settings, self.clock)
-        await self._start_relays()  # before the worker: its first wake-ups already cross
+        if self.store.dialect == "postgresql":  # before the worker: its first wake-ups cross
+            await self._start_broadcast()
         if self.run_worker:
             self.worker = Worker(self._queue, build_upstreams(self.settings), self.settings.worker)
             await self.worker.start()
@@ -88,18 +89,20 @@ class Gateway:
             await self.sender.start()
             self.batch_runner = BatchRunner(self._batches)
             await self.batch_runner.start()
+        await self._start_relays()
         upstreams = ", ".join(f"{u.name} ({u.type})" for u in self.settings.upstreams) or "none"
         log.info("hookline started: database %s, upstreams: %s", self._store.dialect, upstreams)
 
+    async def _start_broadcast(self) -> None:
+        """On PostgreSQL, wake-ups and live output cross between the processes over LISTEN/NOTIFY
+        (hookline.broadcast)."""
+        broadcast = Broadcast(self.settings.database_url, self.notifier, self.queue.live)
+        self._relays.append(broadcast)
+        await broadcast.start()
+
     async def _start_relays(self) -> None:
-        """Wake-ups and live output cross between the processes sharing the database: over
-        LISTEN/NOTIFY on PostgreSQL (hookline.broadcast), over Unix sockets between the processes
-        sharing a SQLite file (hookline.relay)."""
-        if self.store.dialect == "postgresql":
-            broadcast = Broadcast(self.settings.database_url, self.notifier, self.queue.live)
-            self._relays.append(broadcast)
-            await broadcast.start()
-            return
+        """Between the processes sharing a SQLite file, live output crosses over Unix sockets
+        (hookline.relay); a worker's socket appears once the worker runs."""
         path = sqlite_path(self.settings.database_url)
         if path is None:
             return

@@ -88,7 +88,8 @@ class Subscription:
             async with asyncio.timeout(timeout):
                 await self._ready.wait()
         except TimeoutError:
-            return False
+            # A message put in the loop turn the timeout fired in is there all the same.
+            return bool(self._inbox) or self.lagged
         return True
 
     def mark_lagged(self) -> None:
@@ -169,9 +170,10 @@ class LiveHub:
     # --- publishers
 
     def publish_delta(self, delta: LiveDelta, *, relayed: bool = False) -> None:
-        """Output text straight from the upstream (the worker calls this per chunk)."""
-        if relayed and not self.watching(delta.job_id):
-            return  # another process's job that nobody here watches: keep nothing
+        """Output text straight from the upstream (the worker calls this per chunk; the relays
+        with ``relayed``). The text not yet written is kept for every running job, relayed ones
+        too, so a watcher that joins late gets it at once; a durable delta trims it, the job's end
+        drops it."""
         tails = self._tails.setdefault(delta.job_id, {})
         tail = tails.setdefault((delta.attempt, delta.index), _Tail(delta.offset, delta.offset))
         if not tail.parts:

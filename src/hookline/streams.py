@@ -110,12 +110,12 @@ async def job_stream(
             # A job running here reports everything through the hub; others are re-read now and
             # then (a cancel through another process, a worker elsewhere).
             local = job_id in queue.live.running
-            if (
-                not await subscription.wait(poll_seconds * (20 if local else 1))
-                or subscription.lagged
-            ):
-                subscription.lagged = False
-                subscription.drain()
+            quiet = not await subscription.wait(poll_seconds * (20 if local else 1))
+            if quiet or subscription.lagged:
+                if subscription.lagged:  # messages were dropped: the store has the durable ones
+                    subscription.lagged = False
+                    subscription.drain()
+                # (Live text that arrived meanwhile stays in the inbox: the store lacks it.)
                 caught_up = await _catch_up(queue, job_id, cursor)
                 if caught_up:
                     caught_up = _until_terminal(caught_up)
