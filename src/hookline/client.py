@@ -251,6 +251,23 @@ def _submit_request(
     return body, {"Idempotency-Key": idempotency_key or f"hk-client-{uuid.uuid4()}"}
 
 
+def _list_params(status: str | None, operation: str | None, page_size: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": page_size}
+    if status:
+        params["status"] = status
+    if operation:
+        params["operation"] = operation
+    return params
+
+
+def _stream_headers(last_id: str | None) -> dict[str, str]:
+    """An event stream's request headers; after a drop, where to resume."""
+    headers = {"Accept": "text/event-stream"}
+    if last_id is not None:
+        headers["Last-Event-ID"] = last_id
+    return headers
+
+
 def _backoff(attempt: int) -> float:
     return float(min(4.0, 0.25 * 2**attempt))
 
@@ -319,9 +336,7 @@ def _stream_item(message: dict[str, str]) -> Event | TextDelta:
 
 
 def _is_end(item: Event | TextDelta) -> bool:
-    return isinstance(item, Event) and item.type in {
-        "job.succeeded", "job.failed", "job.cancelled", "job.expired",
-    }  # fmt: skip
+    return isinstance(item, Event) and item.type.removeprefix("job.") in _TERMINAL
 
 
 def _finished(job: Job, raise_on_failure: bool) -> Job:
@@ -424,11 +439,7 @@ class Client:
         self, *, status: str | None = None, operation: str | None = None, page_size: int = 100
     ) -> Iterator[Job]:
         """Every job of the tenant, newest first, page after page."""
-        params: dict[str, Any] = {"limit": page_size}
-        if status:
-            params["status"] = status
-        if operation:
-            params["operation"] = operation
+        params = _list_params(status, operation, page_size)
         while True:
             page = self._call("GET", "/v1/jobs", params=params)
             yield from (Job.from_json(job) for job in page["data"])
@@ -442,9 +453,7 @@ class Client:
         last_id: str | None = None
         failures = 0
         while True:
-            headers = {"Accept": "text/event-stream"}
-            if last_id is not None:
-                headers["Last-Event-ID"] = last_id
+            headers = _stream_headers(last_id)
             try:
                 with self._http.stream(
                     "GET", f"/v1/jobs/{_job_id(job)}/events", headers=headers, timeout=None
@@ -603,11 +612,7 @@ class AsyncClient:
     async def list(
         self, *, status: str | None = None, operation: str | None = None, page_size: int = 100
     ) -> AsyncIterator[Job]:
-        params: dict[str, Any] = {"limit": page_size}
-        if status:
-            params["status"] = status
-        if operation:
-            params["operation"] = operation
+        params = _list_params(status, operation, page_size)
         while True:
             page = await self._call("GET", "/v1/jobs", params=params)
             for job in page["data"]:
@@ -620,9 +625,7 @@ class AsyncClient:
         last_id: str | None = None
         failures = 0
         while True:
-            headers = {"Accept": "text/event-stream"}
-            if last_id is not None:
-                headers["Last-Event-ID"] = last_id
+            headers = _stream_headers(last_id)
             try:
                 async with self._http.stream(
                     "GET", f"/v1/jobs/{_job_id(job)}/events", headers=headers, timeout=None

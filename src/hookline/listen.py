@@ -23,10 +23,8 @@ import httpx
 import orjson
 
 from hookline.client import _raise_for, _SSEDecoder
-from hookline.webhooks import headers_for
+from hookline.webhooks import JOB_STATE_EVENT_TYPES, headers_for
 
-_JOB_STATE = {"job.queued", "job.started", "job.succeeded", "job.failed", "job.cancelled",
-              "job.expired"}  # fmt: skip
 _ATTEMPTS = 3
 
 
@@ -109,9 +107,9 @@ class Listener:
         return self._secret
 
     def _message(self, event: dict[str, Any]) -> dict[str, Any]:
-        """The body a real webhook would carry for this event."""
+        """The body a real webhook would carry for this event (see webhooks.message_body)."""
         kind = event["type"]
-        if kind in _JOB_STATE:
+        if kind in JOB_STATE_EVENT_TYPES:
             response = self.client.get(f"/v1/jobs/{event['job_id']}")
             data = response.json() if response.status_code == 200 else event["data"]
         elif kind.startswith("batch."):

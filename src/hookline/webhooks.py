@@ -31,6 +31,7 @@ DEFAULT_BATCH_EVENTS: tuple[str, ...] = tuple(
 )
 # Events whose ``data`` is the whole job; batch events carry the batch, the others their own data.
 _JOB_STATE_EVENTS = frozenset({EventType.QUEUED, EventType.STARTED, *_JOB_TERMINAL})
+JOB_STATE_EVENT_TYPES = frozenset(e.value for e in _JOB_STATE_EVENTS)  # for hookline listen
 
 __all__ = ["WebhookEvent", "WebhookVerificationError", "verify"]
 
