@@ -25,10 +25,18 @@ class WriteBatcher(Generic[Item, Result]):
         *,
         name: str,
         max_batch: int = 1000,
+        worth_waiting: Callable[[int], bool] | None = None,
+        max_wait_seconds: float = 0.01,
     ) -> None:
         self._write = write
         self._name = name
         self._max_batch = max_batch
+        # Optional: while worth_waiting(items queued) says more items are coming soon, the writer
+        # waits up to max_wait_seconds for them (where a bigger batch is much cheaper per item).
+        self._worth_waiting = worth_waiting
+        self._max_wait_seconds = max_wait_seconds
+        self._enough = asyncio.Event()
+        self._filling: int | None = None  # items taken while waiting for more
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -48,16 +56,29 @@ class WriteBatcher(Generic[Item, Result]):
 
     async def submit(self, item: Item) -> Result:
         """Write ``item`` (with whatever else is queued); returns once it is committed."""
+        return await self.put(item)
+
+    def put(self, item: Item) -> asyncio.Future[Result]:
+        """Queue ``item``; the future resolves once it is committed (or with the error)."""
         self.start()
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, future))
-        return await future
+        filling, worth_waiting = self._filling, self._worth_waiting
+        if (
+            filling is not None
+            and worth_waiting
+            and not worth_waiting(filling + self._queue.qsize())
+        ):
+            self._enough.set()  # the batch being filled is worth writing now
+        return future
 
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            if self._worth_waiting is not None and self._worth_waiting(len(batch)):
+                await self._fill(batch)
             try:
                 results = await self._write([item for item, _ in batch])
             except Exception as exc:
@@ -70,3 +91,16 @@ class WriteBatcher(Generic[Item, Result]):
                         future.set_result(result)
             for _ in batch:
                 self._queue.task_done()
+
+    async def _fill(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        self._enough.clear()
+        self._filling = len(batch)
+        try:
+            async with asyncio.timeout(self._max_wait_seconds):
+                await self._enough.wait()  # put() sets it once the batch is worth writing
+        except TimeoutError:
+            pass
+        finally:
+            self._filling = None
+        while len(batch) < self._max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())

@@ -13,7 +13,9 @@ disabled; a message whose schedule runs out is ``failed`` (a dead letter, replay
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -83,6 +85,21 @@ def destination(delivery: Delivery) -> str:
     return delivery.order_key.split("|", 1)[0]
 
 
+def _by_lease(batch: list[Delivery]) -> dict[str, list[str]]:
+    ids: dict[str, list[str]] = {}
+    for delivery in batch:
+        assert delivery.lease_token is not None
+        ids.setdefault(delivery.lease_token, []).append(delivery.id)
+    return ids
+
+
+def _log_recording(delivery: Delivery, recorded: asyncio.Future[bool]) -> None:
+    if recorded.cancelled():
+        return
+    if (exc := recorded.exception()) is not None:
+        log.warning("recording delivery %s failed (it will be resent): %s", delivery.id, exc)
+
+
 class TokenBucket:
     def __init__(self, rate: float) -> None:
         self.rate = rate
@@ -100,6 +117,11 @@ class TokenBucket:
 
 
 class WebhookSender:
+    """Claimed messages wait in a small ready set, per destination; send loops take the next one
+    the moment a POST ends (no task or transaction between two sends); finished attempts are
+    recorded in batches off the send path, and the transaction that records them claims the next
+    messages. So up to ``max_in_flight`` POSTs stay in flight under load, like a bare POST loop."""
+
     def __init__(
         self, store: DeliveryStore, config: WebhooksConfig, clock: Clock, notifier: Notifier
     ) -> None:
@@ -108,22 +130,29 @@ class WebhookSender:
         self.clock = clock
         self.notifier = notifier
         self.policy = AddressPolicy(config)
-        self._in_flight: Counter[str] = Counter()
+        self._ready: dict[str, collections.deque[Delivery]] = {}  # by destination, claimed
+        self._ready_count = 0
+        self._posting: Counter[str] = Counter()  # POSTs in progress, by destination
+        self._recording = 0  # sent, the outcome not yet committed (the lease is still ours)
         self._buckets: dict[str, TokenBucket] = {}
-        self._rates: dict[str, float | None] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._slot_freed: set[str] = set()  # recorded sends whose in-flight count was given back
+        self._senders: set[asyncio.Task[None]] = set()
+        self._rate_timer: asyncio.TimerHandle | None = None
         self._stopping = False
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._unsubscribe: Callable[[], None] = lambda: None
-        # Attempts finishing together are recorded in one transaction, which also claims the
-        # messages to send next in the room they leave.
+        # Claimed messages beyond what is in flight: the next POST starts without waiting for a
+        # claim. At most this many messages are leased by this process at a time.
+        self._capacity = 2 * config.max_in_flight
+        # Claims and recordings cost much less per message in big batches (SQLite writes each
+        # touched page once per transaction): under load, a batch is about what is in flight.
+        self._claim_batch = max(1, min(100, config.max_in_flight))
         self._results: WriteBatcher[RecordedAttempt, bool] = WriteBatcher(
-            self._record_and_refill, name="hookline-webhook-results"
+            self._record_and_refill,
+            name="hookline-webhook-results",
+            worth_waiting=lambda queued: queued < self._claim_batch and bool(self._posting),
         )
-        self._claim_batch = max(1, min(32, config.max_in_flight // 2))
         self._checked_urls: set[str] = set()  # URLs whose scheme and literal address passed
         self._secrets = LoadingCache[tuple[str, str | None], list[str]](_CACHE_SECONDS)
         self._endpoints = LoadingCache[tuple[str, str], Endpoint | None](_CACHE_SECONDS)
@@ -132,6 +161,7 @@ class WebhookSender:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(resolver=GuardedResolver(self.policy), limit=0),
             timeout=aiohttp.ClientTimeout(total=self.config.timeout_seconds),
+            cookie_jar=aiohttp.DummyCookieJar(),  # a receiver's cookies mean nothing here
         )
         self._unsubscribe = self.notifier.subscribe(
             DELIVERIES_AVAILABLE, lambda _: self._wake.set()
@@ -141,13 +171,21 @@ class WebhookSender:
     async def stop(self) -> None:
         self._stopping = True
         self._unsubscribe()
+        if self._rate_timer is not None:
+            self._rate_timer.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        # Sends in flight finish (bounded by the timeout); the rest keep their lease.
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self.config.timeout_seconds)
+        # Sends in flight finish (bounded by the timeout); claimed messages not yet sent go back.
+        if self._senders:
+            await asyncio.wait(self._senders, timeout=self.config.timeout_seconds)
         await self._results.stop()
+        unsent = [d for queue in self._ready.values() for d in queue]
+        self._ready.clear()
+        self._ready_count = 0
+        for token, ids in _by_lease(unsent).items():
+            with contextlib.suppress(StoreError):
+                await self.store.release(ids, token)
         if self._session is not None:
             await self._session.close()
 
@@ -157,125 +195,184 @@ class WebhookSender:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
-            try:
-                claimed = await self._claim()
-            except StoreError as exc:
-                log.warning("claiming webhook messages failed: %s", exc)
-                claimed = 0
-            if claimed == 0:
+            claimed, asked = 0, 0
+            if self._room() >= self._claim_batch or self._idle():
+                try:
+                    claimed, asked = await self._claim()
+                except StoreError as exc:
+                    log.warning("claiming webhook messages failed: %s", exc)
+            if claimed == 0 or claimed < asked:  # nothing more is due now: wait to be told
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.config.poll_seconds):
                         await self._wake.wait()
 
-    def _saturated(self, finishing: Counter[str] | None = None) -> set[str]:
-        """Destinations at their concurrency or rate limit (not counting ``finishing`` sends)."""
+    # --- what this process holds
+
+    def _room(self, finishing: int = 0) -> int:
+        held = sum(self._posting.values()) + self._ready_count + self._recording - finishing
+        return self._capacity - held
+
+    def _idle(self) -> bool:
+        return self._ready_count == 0 and not self._posting and self._recording == 0
+
+    def _busy(self) -> set[str]:
+        """Destinations not to claim for: at their concurrency limit or out of rate tokens."""
         limit = self.config.max_in_flight_per_endpoint
-        finishing = finishing or Counter()
-        busy = {d for d, n in self._in_flight.items() if n - finishing[d] >= limit}
+        busy = {d for d, queue in self._ready.items() if len(queue) + self._posting[d] >= limit}
+        busy |= {d for d, n in self._posting.items() if n >= limit}
         busy |= {d for d, bucket in self._buckets.items() if not bucket.available()}
         return busy
 
-    def _claim_request(self, room: int, finishing: Counter[str] | None = None) -> ClaimRequest:
+    def _claim_request(self, room: int) -> ClaimRequest:
         now = self.clock.now_ms()
         lease_ms = int((self.config.timeout_seconds * 2 + 1) * 1000)  # a send outlives no lease
-        return ClaimRequest(
-            now, min(room, 100), new_id("lease"), now + lease_ms, self._saturated(finishing)
-        )
+        return ClaimRequest(now, min(room, 100), new_id("lease"), now + lease_ms, self._busy())
 
-    async def _claim(self) -> int:
-        room = self.config.max_in_flight - len(self._tasks)
-        # A claim is a write transaction: wait for a worthwhile batch of free room rather than
-        # claiming one message each time one finishes.
-        if room <= 0 or (self._tasks and room < self._claim_batch):
-            return 0
-        claim = self._claim_request(room)
+    async def _claim(self) -> tuple[int, int]:
+        """Claim due messages into the ready set: (how many came, how many were asked for)."""
+        claim = self._claim_request(self._room())
         batch = await self.store.claim_due(
             claim.now, claim.limit, claim.lease_token, claim.lease_expires_at, claim.busy
         )
-        return await self._dispatch(batch, claim.lease_token)
+        await self._make_ready(batch)
+        return len(batch), claim.limit
 
     async def _record_and_refill(self, results: list[RecordedAttempt]) -> list[bool]:
-        # The sends being recorded are still counted in flight; their room is free once this ends.
-        room = self.config.max_in_flight - len(self._tasks) + len(results)
+        # The room the recorded sends leave is claimed for in the same transaction.
+        room = self._room(finishing=len(results))
         claim = None
-        if room >= self._claim_batch and not self._stopping:
-            finishing = Counter(destination(delivery) for delivery, *_ in results)
-            claim = self._claim_request(room, finishing)
+        if not self._stopping and (room >= self._claim_batch or room == self._capacity):
+            claim = self._claim_request(room)
         try:
             held, batch = await self.store.record_attempts(results, claim)
         finally:
-            for delivery, *_ in results:  # their slots are free for the new claims
-                self._in_flight[destination(delivery)] -= 1
-                self._slot_freed.add(delivery.id)
+            self._recording -= len(results)
         if claim is not None:
-            await self._dispatch(batch, claim.lease_token)
+            await self._make_ready(batch)
+        if self._room() >= self._claim_batch:
+            self._wake.set()
         return held
 
-    async def _dispatch(self, batch: list[Delivery], token: str) -> int:
-        """Start sending claimed messages; any over a destination's limit go back."""
-        taken: Counter[str] = Counter()
-        limit = self.config.max_in_flight_per_endpoint
-        sendable: list[Delivery] = []
+    async def _make_ready(self, batch: list[Delivery]) -> None:
+        """Queue claimed messages by destination (learning endpoints' rate limits) and start
+        send loops for them; a destination's messages beyond twice its limit go back."""
+        for delivery in batch:  # first, as it may wait for the store: what follows must not
+            if delivery.endpoint_id is not None:
+                await self._learn_rate(delivery, destination(delivery))
+        keep_limit = 2 * self.config.max_in_flight_per_endpoint
         extra: list[Delivery] = []
         for delivery in batch:
             dest = destination(delivery)
-            fits = self._in_flight[dest] + taken[dest] < limit
-            (sendable if fits else extra).append(delivery)
-            taken[dest] += fits
-        if extra:
-            await self.store.release([d.id for d in extra], token)
-        for delivery in sendable:
-            self._in_flight[destination(delivery)] += 1  # counted now: the next claim sees it
-            task = asyncio.create_task(self._send(delivery))
-            self._tasks.add(task)
-            task.add_done_callback(self._sent)
-        return len(sendable)
-
-    def _sent(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if len(self._tasks) <= self.config.max_in_flight - self._claim_batch:
-            self._wake.set()
-
-    async def _send(self, delivery: Delivery) -> None:
-        dest = destination(delivery)
-        try:
-            if delivery.endpoint_id is not None:  # per-job URLs have no rate limit
-                await self._rate_limit(delivery, dest)
-            outcome = await self._post(delivery)
-            now = self.clock.now_ms()
-            if not outcome.succeeded and delivery.endpoint_id is not None:
-                outcome = await self._maybe_break_circuit(delivery, outcome, now)
-            assert delivery.lease_token is not None
-            await self._results.submit((delivery, delivery.lease_token, outcome, now))
-            if outcome.disable_endpoint:
-                log.warning(
-                    "endpoint %s disabled: %s", delivery.endpoint_id, outcome.disable_endpoint
-                )
-        except StoreError as exc:
-            log.warning("recording delivery %s failed (it will be resent): %s", delivery.id, exc)
-        finally:
-            if delivery.id in self._slot_freed:
-                self._slot_freed.discard(delivery.id)
+            queue = self._ready.get(dest)
+            if queue is None:
+                queue = self._ready[dest] = collections.deque()
+            if len(queue) + self._posting[dest] >= keep_limit:
+                extra.append(delivery)
             else:
-                self._in_flight[dest] -= 1
+                queue.append(delivery)
+                self._ready_count += 1
+            if not queue:
+                del self._ready[dest]
+        for token, ids in _by_lease(extra).items():
+            await self.store.release(ids, token)
+        self._start_senders()
 
-    async def _rate_limit(self, delivery: Delivery, dest: str) -> None:
-        if delivery.endpoint_id is None:
-            return
+    async def _learn_rate(self, delivery: Delivery, dest: str) -> None:
+        assert delivery.endpoint_id is not None
         tenant, endpoint_id = delivery.tenant, delivery.endpoint_id
-        endpoint = await self._endpoints.get(
+        endpoint = self._endpoints.peek((tenant, endpoint_id)) or await self._endpoints.get(
             (tenant, endpoint_id), lambda: self.store.get_endpoint(tenant, endpoint_id)
         )
         rate = endpoint.rate_limit_per_second if endpoint else None
         if rate is None:
             self._buckets.pop(dest, None)
+        elif (bucket := self._buckets.get(dest)) is None or bucket.rate != rate:
+            self._buckets[dest] = TokenBucket(rate)
+
+    # --- sending
+
+    def _start_senders(self) -> None:
+        while len(self._senders) < self.config.max_in_flight:
+            delivery = self._take_ready()
+            if delivery is None:
+                return
+            task = asyncio.create_task(self._send_loop(delivery))
+            self._senders.add(task)
+            task.add_done_callback(self._senders.discard)
+
+    def _take_ready(self) -> Delivery | None:
+        """The next message whose destination has room and a rate token (round robin)."""
+        if self._stopping or not self._ready_count:
+            return None
+        limit = self.config.max_in_flight_per_endpoint
+        rate_limited = False
+        # A message whose lease could run out before its POST and its recording is skipped:
+        # another claim takes it once the lease lapses.
+        fresh_until = self.clock.now_ms() + int((self.config.timeout_seconds + 1) * 1000)
+        for dest, queue in self._ready.items():
+            if self._posting[dest] >= limit:
+                continue
+            bucket = self._buckets.get(dest)
+            if bucket is not None and not bucket.available():
+                rate_limited = True
+                continue
+            while queue:
+                delivery = queue.popleft()
+                self._ready_count -= 1
+                if (delivery.lease_expires_at or 0) >= fresh_until:
+                    break
+            else:
+                del self._ready[dest]
+                continue
+            if queue:  # the destination goes to the back of the line
+                self._ready[dest] = self._ready.pop(dest)
+            else:
+                del self._ready[dest]
+            if bucket is not None:
+                bucket.take()
+            self._posting[dest] += 1
+            return delivery
+        if rate_limited and self._rate_timer is None:
+            self._rate_timer = asyncio.get_running_loop().call_later(
+                self._next_token_in(), self._rate_tick
+            )
+        return None
+
+    def _next_token_in(self) -> float:
+        return min((1.0 / b.rate for b in self._buckets.values() if b.rate > 0), default=0.05)
+
+    def _rate_tick(self) -> None:
+        self._rate_timer = None
+        self._start_senders()
+
+    async def _send_loop(self, first: Delivery) -> None:
+        delivery: Delivery | None = first
+        while delivery is not None:
+            await self._send(delivery)
+            delivery = self._take_ready()
+        if self._room() >= self._claim_batch:
+            self._wake.set()
+
+    async def _send(self, delivery: Delivery) -> None:
+        dest = destination(delivery)
+        try:
+            outcome = await self._post(delivery)
+            now = self.clock.now_ms()
+            if not outcome.succeeded and delivery.endpoint_id is not None:
+                outcome = await self._maybe_break_circuit(delivery, outcome, now)
+        except StoreError as exc:
+            log.warning("checking endpoint health failed (%s will be resent): %s", delivery.id, exc)
             return
-        bucket = self._buckets.get(dest)
-        if bucket is None or bucket.rate != rate:
-            bucket = self._buckets[dest] = TokenBucket(rate)
-        while not bucket.available():  # noqa: ASYNC110 (tokens refill with time, no event)
-            await asyncio.sleep(1.0 / rate)
-        bucket.take()
+        finally:
+            self._posting[dest] -= 1
+            if self._posting[dest] <= 0:
+                del self._posting[dest]
+        assert delivery.lease_token is not None
+        self._recording += 1
+        recorded = self._results.put((delivery, delivery.lease_token, outcome, now))
+        recorded.add_done_callback(functools.partial(_log_recording, delivery))
+        if outcome.disable_endpoint:
+            log.warning("endpoint %s disabled: %s", delivery.endpoint_id, outcome.disable_endpoint)
 
     async def _post(self, delivery: Delivery) -> AttemptOutcome:
         assert self._session is not None

@@ -42,6 +42,10 @@ class RunningJob:
     produced: dict[int, int] = dataclasses.field(default_factory=dict)  # characters per choice
     flushed: dict[int, int] = dataclasses.field(default_factory=dict)
     releasing: bool = False
+    # The periodic output write this job's text is in, while it commits: the job's last write
+    # waits for it, or (on PostgreSQL, where the two may commit in either order) the success could
+    # commit first, and the lease-fenced output write would then be refused and its text lost.
+    flushing: asyncio.Future[None] | None = None
     # Set for a job started while its accept commits: True once it is on disk, False if it never
     # will be. Nothing about the job is written before it is True.
     accepted: asyncio.Future[bool] | None = None
@@ -274,10 +278,21 @@ class Worker:
 
     async def _flush(self, *runs: RunningJob) -> None:
         """Write the buffered output of these jobs, all in one transaction."""
-        items = [(r.job, r.lease_token, deltas) for r in runs if (deltas := r.take_deltas())]
-        if not items:
+        flushed = [(r, deltas) for r in runs if (deltas := r.take_deltas())]
+        if not flushed:
             return
-        for (job, _, _), held in zip(items, await self.queue.add_output_deltas(items), strict=True):
+        done = asyncio.get_running_loop().create_future()
+        for running, _ in flushed:
+            running.flushing = done
+        items = [(r.job, r.lease_token, deltas) for r, deltas in flushed]
+        try:
+            written = await self.queue.add_output_deltas(items)
+        finally:
+            done.set_result(None)
+            for running, _ in flushed:
+                if running.flushing is done:
+                    running.flushing = None
+        for (job, _, _), held in zip(items, written, strict=True):
             if not held:
                 self._abort(job.id)
 
@@ -361,6 +376,8 @@ async def _retrying(write: Callable[[], Awaitable[Any]], for_seconds: float) -> 
 
 async def _written(running: RunningJob) -> bool:
     """Wait until a job started during its accept is on disk; False if it never will be."""
+    while running.flushing is not None:  # the job's earlier text goes on disk first
+        await asyncio.shield(running.flushing)
     if running.accepted is None:
         return True
     try:
