@@ -254,7 +254,7 @@ class DeliveryStore:
         self, now: int, limit: int, lease_token: str, lease_expires_at: int, busy: Collection[str]
     ) -> list[Delivery]:
         claim = ClaimRequest(now, limit, lease_token, lease_expires_at, busy)
-        return await self.database.write(lambda conn: _claim(conn, claim))
+        return await self.database.write(lambda conn: _claim(conn, claim), bulk=True)
 
     async def release(self, delivery_ids: Collection[str], lease_token: str) -> None:
         """Give back claimed messages unsent."""
@@ -263,7 +263,7 @@ class DeliveryStore:
             .where(deliveries.c.id.in_(list(delivery_ids)), deliveries.c.lease_token == lease_token)
             .values(lease_token=None, lease_expires_at=None)
         )
-        await self.database.write(lambda conn: conn.execute(statement))
+        await self.database.write(lambda conn: conn.execute(statement), bulk=True)
 
     async def record_attempts(
         self, results: list[RecordedAttempt], then_claim: ClaimRequest | None = None
@@ -277,7 +277,7 @@ class DeliveryStore:
             held = _record_all(conn, results) if results else []
             return held, _claim(conn, then_claim) if then_claim else []
 
-        return await self.database.write(record)
+        return await self.database.write(record, bulk=True)
 
     async def failing_since(self, endpoint_id: str) -> int | None:
         query = sa.select(webhook_endpoints.c.failing_since).where(
