@@ -20,8 +20,19 @@ class StreamAssembler:
         self.choices: dict[int, dict[str, Any]] = {}
         self.usage: dict[str, Any] | None = None
         self.finished = False
+        self._unsent: dict[int, list[str]] = {}  # new text per choice, not yet given to on_delta
 
-    def feed(self, chunk: dict[str, Any]) -> None:
+    def feed(self, *chunks: dict[str, Any]) -> None:
+        """Take chunks that arrived together: their text goes to ``on_delta`` once per choice
+        (a burst of a fast upstream is one live delta, not hundreds)."""
+        for chunk in chunks:
+            self._take(chunk)
+        if self._unsent:
+            unsent, self._unsent = self._unsent, {}
+            for index, parts in unsent.items():
+                self.on_delta(index, "".join(parts))
+
+    def _take(self, chunk: dict[str, Any]) -> None:
         for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
             if chunk.get(key) is not None:
                 self.header[key] = chunk[key]
@@ -36,7 +47,7 @@ class StreamAssembler:
                 text = choice.get("text") or ""
                 if text:
                     state["text"].append(text)
-                    self.on_delta(index, text)
+                    self._unsent.setdefault(index, []).append(text)
             if choice.get("logprobs") is not None:
                 state.setdefault("logprobs", []).append(choice["logprobs"])
             if choice.get("finish_reason"):
@@ -50,7 +61,7 @@ class StreamAssembler:
         content = delta.get("content")
         if content:
             state["text"].append(content)
-            self.on_delta(state["index"], content)
+            self._unsent.setdefault(state["index"], []).append(content)
         if delta.get("refusal"):
             state["refusal"] = state.get("refusal", "") + delta["refusal"]
         for call in delta.get("tool_calls") or []:

@@ -113,30 +113,61 @@ _YIELD_SECONDS = 0.002
 async def _read_stream(
     response: aiohttp.ClientResponse, operation: Operation, on_delta: DeltaSink
 ) -> dict[str, Any]:
+    """Read the SSE stream a read at a time (whatever bytes have arrived), not a line at a time:
+    the chunks of one read are parsed together and their text reported as one delta."""
     assembler = StreamAssembler(operation, on_delta)
     done = False
     loop = asyncio.get_running_loop()
     yielded_at = 0.0
-    async for raw_line in response.content:
-        line = raw_line.strip()
-        if not line.startswith(b"data:"):
-            continue  # comments, event names, blank separators
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            done = True
+    tail = b""
+    async for data in response.content.iter_any():
+        lines = (tail + data if tail else data).split(b"\n")
+        tail = lines.pop()  # the start of a line still arriving
+        chunks, done = _parse_lines(lines)
+        _feed(assembler, chunks, done)
+        if done:
             break
-        chunk = orjson.loads(payload)
-        if isinstance(chunk, dict) and chunk.get("error"):
-            raise UpstreamError.from_status(500, chunk)
-        assembler.feed(chunk)
-        # Chunks that arrived together are read without suspending. Yield now and then (and
+        # Reads that arrived together are taken without suspending. Yield now and then (and
         # right after the first), so the streams watching this job send the first token at
         # once and a long burst is relayed as it is read, not after it.
         if loop.time() - yielded_at > _YIELD_SECONDS:
             await asyncio.sleep(0)
             yielded_at = loop.time()
+    if not done and tail:  # the stream ended without a last newline
+        chunks, done = _parse_lines([tail])
+        _feed(assembler, chunks, done)
     if not done and not assembler.finished:
         raise UpstreamError(
             "upstream_disconnected", "the upstream stream ended before it finished", retryable=True
         )
     return assembler.result()
+
+
+def _parse_lines(lines: list[bytes]) -> tuple[list[Any], bool]:
+    """The chunks in these SSE lines, and whether they end the stream: ``[DONE]``, or an error
+    chunk (the last one returned; the text before it is fed first)."""
+    chunks: list[Any] = []
+    for raw in lines:
+        line = raw if raw.startswith(b"data:") else raw.strip()
+        if not line.startswith(b"data:"):
+            continue  # comments, event names, blank separators
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return chunks, True
+        chunk = orjson.loads(payload)
+        if _is_error(chunk):
+            return [*chunks, chunk], True
+        chunks.append(chunk)
+    return chunks, False
+
+
+def _feed(assembler: StreamAssembler, chunks: list[Any], done: bool) -> None:
+    """Feed what was read; an error chunk ending it fails the attempt after the text before it."""
+    error = chunks.pop() if done and chunks and _is_error(chunks[-1]) else None
+    assembler.feed(*chunks)
+    if error is not None:
+        raise UpstreamError.from_status(500, error)
+
+
+def _is_error(chunk: Any) -> bool:
+    return isinstance(chunk, dict) and bool(chunk.get("error"))
