@@ -7,6 +7,7 @@ functions at the top.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -125,20 +126,39 @@ def _conditional_update(
     values: dict[str, Any],
     tenant: str | None,
     lease_token: str | None,
-) -> Any:
-    """UPDATE that only applies while the job is in a status allowed to move to ``new_status``."""
+) -> tuple[sa.Update, dict[str, Any]]:
+    """UPDATE that only applies while the job is in a status allowed to move to ``new_status``,
+    with its parameters."""
+    statement = _conditional_update_statement(
+        new_status, tuple(sorted(values)), tenant is not None, lease_token is not None
+    )
+    params = {"c_id": job_id, "c_tenant": tenant, "c_lease": lease_token, "c_n": n_events}
+    params.update({f"v_{key}": value for key, value in values.items()})
+    return statement, params
+
+
+@functools.lru_cache(maxsize=256)
+def _conditional_update_statement(
+    new_status: JobStatus, keys: tuple[str, ...], by_tenant: bool, by_lease: bool
+) -> sa.Update:
+    # Built once per shape: building the statement cost more than running it.
     conditions = [
-        jobs.c.id == job_id,
+        jobs.c.id == sa.bindparam("c_id"),
         jobs.c.status.in_([s.value for s in sources_for(new_status)]),
     ]
-    if tenant is not None:
-        conditions.append(jobs.c.tenant == tenant)
-    if lease_token is not None:
-        conditions.append(jobs.c.lease_token == lease_token)
+    if by_tenant:
+        conditions.append(jobs.c.tenant == sa.bindparam("c_tenant"))
+    if by_lease:
+        conditions.append(jobs.c.lease_token == sa.bindparam("c_lease"))
+    values = {key: sa.bindparam(f"v_{key}", type_=jobs.c[key].type) for key in keys}
     return (
         sa.update(jobs)
         .where(*conditions)
-        .values(status=new_status.value, event_seq=jobs.c.event_seq + n_events, **values)
+        .values(
+            status=new_status.value,
+            event_seq=jobs.c.event_seq + sa.bindparam("c_n", type_=sa.Integer),
+            **values,
+        )
         .returning(*jobs.c)
     )
 
@@ -459,12 +479,12 @@ class SQLStore(Store):
         lease_token: str | None = None,
     ) -> Transitioned | None:
         values = {"updated_at": now, **(changes or {})}
-        statement = _conditional_update(
+        statement, params = _conditional_update(
             job_id, new_status, len(events), values, tenant, lease_token
         )
 
         def apply(conn: Connection) -> Transitioned | None:
-            row = conn.execute(statement).mappings().first()
+            row = conn.execute(statement, params).mappings().first()
             if row is None:
                 return None
             job = Job.from_row(row)
