@@ -7,12 +7,14 @@ import sqlite3
 from collections.abc import AsyncIterator
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy import Connection
 
-from hookline.errors import StoreUnavailable
+from hookline.errors import InvalidRequest, StoreUnavailable
 from hookline.events import EventType, NewEvent
 from hookline.ids import new_id
 from hookline.jobs import Job, JobStatus, Operation
-from hookline.store import SQLStore, open_store
+from hookline.store import SQLStore, open_store, schema
 
 NOW = 1_800_000_000_000
 
@@ -222,3 +224,32 @@ async def test_sqlite_write_waits_for_another_process_without_blocking_the_loop(
     other.close()
     [outcome] = await insert
     assert not outcome.duplicate and await store.get_job(job.id) == job
+
+
+async def test_writes_at_once_are_committed_apart_from_a_failing_one(store: SQLStore) -> None:
+    """Writes issued together may share a transaction (SQLite runs them as one, each in a
+    savepoint): a write that fails is undone alone, and its caller alone gets the error."""
+    jobs_ = [make_job() for _ in range(6)]
+    taken = make_job(key="same")
+    await store.insert_jobs([(taken, QUEUED)])
+
+    def failing(conn: Connection) -> None:
+        conn.execute(sa.insert(schema.jobs), [make_job().as_row()])  # undone with the failure
+        raise InvalidRequest("this write is refused")
+
+    results = await asyncio.gather(
+        *(store.insert_jobs([(job, QUEUED)]) for job in jobs_[:3]),
+        store.database.write(failing),
+        store.insert_jobs([(make_job(key="same"), QUEUED)]),  # an idempotency-key conflict
+        *(store.insert_jobs([(job, QUEUED)]) for job in jobs_[3:]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[3], InvalidRequest)
+    duplicate = results[4]
+    assert isinstance(duplicate, list) and [o.duplicate for o in duplicate] == [True]
+    for job in jobs_:
+        assert await store.get_job(job.id) == job
+    everyone = await store.database.read(
+        lambda conn: conn.execute(sa.select(sa.func.count()).select_from(schema.jobs)).scalar()
+    )
+    assert everyone == len(jobs_) + 1
