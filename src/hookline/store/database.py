@@ -118,6 +118,7 @@ class SQLiteDatabase(Database):
         self._reader_engine = self._engine(url, writer=False)
         self._pending: collections.deque[_PendingWrite] = collections.deque()
         self._have_writes = asyncio.Event()
+        self._writing = False  # a transaction is in progress (inline or in the writer task)
         self._writer_task: asyncio.Task[None] | None = None
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._readers = concurrent.futures.ThreadPoolExecutor(
@@ -151,25 +152,42 @@ class SQLiteDatabase(Database):
         return engine
 
     async def write(self, operation: Operation[T], *, bulk: bool = False) -> T:
-        # Writes queue for the one writer task, which runs what queued up together as one
+        # A write that finds the database idle runs at once, in the caller's task. Writes that
+        # come meanwhile queue for the writer task, which runs what queued up together as one
         # transaction (each write in a savepoint of its own): under load one commit, one fsync
         # and one hand-off to the writer thread serve many writes.
         pending: _PendingWrite = _PendingWrite(operation, bulk)
-        self._pending.append(pending)
+        if not self._writing and not self._pending:
+            self._writing = True
+            try:
+                await self._write_batch([pending])
+            except Exception as exc:  # a bug: the caller gets it, the others go on
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            finally:
+                self._writing = False
+                if self._pending:
+                    self._wake_writer()
+        else:
+            self._pending.append(pending)
+            self._wake_writer()
+        result: T = await pending.future
+        return result
+
+    def _wake_writer(self) -> None:
         self._have_writes.set()
         if self._writer_task is None:
             self._writer_task = asyncio.create_task(self._write_loop(), name="hookline-sqlite")
-        result: T = await pending.future
-        return result
 
     async def _write_loop(self) -> None:
         while True:
             await self._have_writes.wait()
             self._have_writes.clear()
-            while self._pending:
+            while self._pending and not self._writing:
                 batch = [w for w in self._take_batch() if not w.future.done()]  # not cancelled
                 if not batch:
                     continue
+                self._writing = True
                 try:
                     await self._write_batch(batch)
                 except asyncio.CancelledError:
@@ -178,6 +196,8 @@ class SQLiteDatabase(Database):
                 except Exception as exc:  # a bug: answer the callers, keep writing for others
                     log.exception("writing a batch failed")
                     _fail(batch, StoreError(f"database error: {exc}"))
+                finally:
+                    self._writing = False
 
     def _take_batch(self) -> list[_PendingWrite]:
         count = min(len(self._pending), _MAX_WRITES_PER_TRANSACTION)
