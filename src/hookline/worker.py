@@ -102,6 +102,10 @@ class Worker:
         self.running: dict[str, RunningJob] = {}
         self._active: Counter[str] = Counter()
         self._wake = asyncio.Event()
+        # Whether queued jobs may be waiting: a freed slot wakes the claim loop only then, so the
+        # end of a job that was accepted already claimed (a facade stream) costs no claim.
+        self._maybe_queued = True
+        self._announced = 0  # "jobs available" notifications seen
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
         self._unsubscribe: list[Any] = []
@@ -111,7 +115,7 @@ class Worker:
             await upstream.start()
         notifier = self.queue.notifier
         self._unsubscribe = [
-            notifier.subscribe(JOBS_AVAILABLE, lambda _: self._wake.set()),
+            notifier.subscribe(JOBS_AVAILABLE, self._jobs_available),
             notifier.subscribe(JOB_CANCELLED, self._abort),
         ]
         self._loops = [
@@ -148,20 +152,36 @@ class Worker:
 
     # --- loops
 
+    def _jobs_available(self, _: object = None) -> None:
+        self._announced += 1
+        self._maybe_queued = True
+        self._wake.set()
+
+    def _slot_freed(self) -> None:
+        if self._maybe_queued:
+            self._wake.set()
+
     async def _claim_loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
             more = False
+            maybe_queued = False
+            announced = self._announced
             wait = self.config.poll_seconds
             for name in self.upstreams:
                 try:
                     claimed_all, token_wait = await self._claim_for(name)
                 except StoreError as exc:
                     log.warning("claiming jobs failed: %s", exc)
+                    maybe_queued = True
                     continue
                 more |= claimed_all
+                # No room to look, or all it asked for came: more may be queued.
+                maybe_queued |= claimed_all or self._free(name) <= 0
                 if token_wait is not None:  # rate-limited: try again when a call may start
                     wait = min(wait, max(token_wait, 0.005))
+                    maybe_queued = True
+            self._maybe_queued = maybe_queued or self._announced != announced
             if not more:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
@@ -170,7 +190,7 @@ class Worker:
     async def _claim_for(self, name: str) -> tuple[bool, float | None]:
         """Claim what this worker has room for; (whether it got all it asked, and the seconds
         until the upstream's rate limit lets another call start, when it held claims back)."""
-        free = self.upstreams[name].config.max_concurrency - self._active[name]
+        free = self._free(name)
         if free <= 0:
             return False, None
         want = min(free, _CLAIM_BATCH)
@@ -180,6 +200,9 @@ class Worker:
             self._active[name] += 1
             self._start(RunningJob(job, token, self.queue.live))
         return len(jobs) == want, token_wait
+
+    def _free(self, name: str) -> int:
+        return self.upstreams[name].config.max_concurrency - self._active[name]
 
     def _start(self, running: RunningJob) -> asyncio.Task[None]:
         job_id = running.job.id
@@ -203,7 +226,7 @@ class Worker:
 
     def unreserve(self, upstream: str) -> None:
         self._active[upstream] -= 1
-        self._wake.set()
+        self._slot_freed()
 
     def adopt(
         self, job: Job, lease_token: str, accepted: asyncio.Future[bool] | None = None
@@ -317,7 +340,7 @@ class Worker:
                 self.queue.live.forget(job.id)
                 del self.running[job.id]
             self._active[job.upstream] -= 1
-            self._wake.set()
+            self._slot_freed()
 
     async def _attempt(self, running: RunningJob) -> None:
         job, token = running.job, running.lease_token
