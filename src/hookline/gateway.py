@@ -19,7 +19,7 @@ from hookline.relay import RelayClient, RelayServer, relay_directory
 from hookline.sender import WebhookSender
 from hookline.ssrf import AddressPolicy
 from hookline.store import SQLStore, open_store
-from hookline.store.database import sqlite_path
+from hookline.store.database import SQLiteDatabase, sqlite_path
 from hookline.upstreams import build_upstreams
 from hookline.worker import Worker
 
@@ -80,6 +80,9 @@ class Gateway:
         self._batches = BatchService(self._store.batches, self._queue, self.settings, self.clock)
         if self.store.dialect == "postgresql":  # before the worker: its first wake-ups cross
             await self._start_broadcast()
+        if isinstance(self._store.database, SQLiteDatabase):
+            running = self._queue.live.running
+            self._store.database.quiet = lambda: len(running) <= 1
         if self.run_worker:
             self.worker = Worker(self._queue, build_upstreams(self.settings), self.settings.worker)
             await self.worker.start()

@@ -13,7 +13,8 @@ Writing the operations synchronously lets each database run them its best way:
   re-acquisition waits behind the busy loop (measured: a 32-row accept batch took 24 ms on a
   thread, 2 ms in the loop). Its COMMIT, an fsync, runs on the writer thread, which drops the GIL
   while the disk works, so the loop keeps serving meanwhile (the processes shorten the GIL switch
-  interval, see ``cli.tune_interpreter``); a batch of only ``bulk`` writes commits in the loop.
+  interval, see ``cli.tune_interpreter``); a batch of only ``bulk`` writes commits in the loop,
+  and so does a lone write while the process is quiet (``quiet``, set by the gateway).
   When another process holds the write lock, the whole batch moves to the writer thread, which
   waits for it, so the loop never blocks on a lock. Reads run on a few reader threads, which WAL
   lets run beside the writer.
@@ -119,6 +120,11 @@ class SQLiteDatabase(Database):
         self._pending: collections.deque[_PendingWrite] = collections.deque()
         self._have_writes = asyncio.Event()
         self._writing = False  # a transaction is in progress (inline or in the writer task)
+        # Set by the gateway: True while this process is quiet (at most one job running). A lone
+        # write then commits in the event loop: the fsync is short, and the hand-off to the writer
+        # thread (waiting for the GIL behind the loop) would cost the waiting caller more. Under
+        # load the thread lets the loop serve during commits and the writes meanwhile batch up.
+        self.quiet: Callable[[], bool] = lambda: False
         self._writer_task: asyncio.Task[None] | None = None
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._readers = concurrent.futures.ThreadPoolExecutor(
@@ -227,7 +233,7 @@ class SQLiteDatabase(Database):
             conn.close()  # nothing to keep: roll back
             _deliver(batch)
             return
-        if all(w.bulk for w in batch):
+        if all(w.bulk for w in batch) or (len(batch) == 1 and not self._pending and self.quiet()):
             # Measured with the webhook sender's batches: the hand-off to the thread and the
             # GIL traffic around it cost more CPU per message than the loop's short stall.
             try:
