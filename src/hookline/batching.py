@@ -39,6 +39,7 @@ class WriteBatcher(Generic[Item, Result]):
         self._filling: int | None = None  # items taken while waiting for more
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._writing = 0  # writes in progress (by callers or the writer task)
 
     def start(self) -> None:
         if self._task is None:
@@ -55,8 +56,17 @@ class WriteBatcher(Generic[Item, Result]):
         self._task = None
 
     async def submit(self, item: Item) -> Result:
-        """Write ``item`` (with whatever else is queued); returns once it is committed."""
-        return await self.put(item)
+        """Write ``item`` (with whatever else is queued); returns once it is committed. An item
+        that finds the writer idle is written at once by its caller (no hop to the writer task);
+        items that come meanwhile queue and go together."""
+        if self._writing or not self._queue.empty() or self._worth_waiting is not None:
+            return await self.put(item)
+        self._writing += 1
+        try:
+            [result] = await self._write([item])
+        finally:
+            self._writing -= 1
+        return result
 
     def put(self, item: Item) -> asyncio.Future[Result]:
         """Queue ``item``; the future resolves once it is committed (or with the error)."""
@@ -79,6 +89,7 @@ class WriteBatcher(Generic[Item, Result]):
                 batch.append(self._queue.get_nowait())
             if self._worth_waiting is not None and self._worth_waiting(len(batch)):
                 await self._fill(batch)
+            self._writing += 1
             try:
                 results = await self._write([item for item, _ in batch])
             except Exception as exc:
@@ -89,6 +100,8 @@ class WriteBatcher(Generic[Item, Result]):
                 for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
+            finally:
+                self._writing -= 1
             for _ in batch:
                 self._queue.task_done()
 
