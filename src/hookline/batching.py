@@ -10,7 +10,6 @@ jobs and for recording webhook attempts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -27,6 +26,7 @@ class WriteBatcher(Generic[Item, Result]):
         max_batch: int = 1000,
         worth_waiting: Callable[[int], bool] | None = None,
         max_wait_seconds: float = 0.01,
+        writers: int = 1,
     ) -> None:
         self._write = write
         self._name = name
@@ -38,22 +38,28 @@ class WriteBatcher(Generic[Item, Result]):
         self._enough = asyncio.Event()
         self._filling: int | None = None  # items taken while waiting for more
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result]]] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        # With several writers, one collects the next batch while the others' writes are in
+        # flight (worth it where a write waits on round trips to a database server).
+        self._writers = writers
+        self._collecting = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
         self._writing = 0  # writes in progress (by callers or the writer task)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=self._name)
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._run(), name=self._name) for _ in range(self._writers)
+            ]
 
     async def stop(self) -> None:
         """Write what is queued, then stop."""
-        if self._task is None:
+        if not self._tasks:
             return
         await self._queue.join()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
 
     async def submit(self, item: Item) -> Result:
         """Write ``item`` (with whatever else is queued); returns once it is committed. An item
@@ -84,11 +90,12 @@ class WriteBatcher(Generic[Item, Result]):
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            if self._worth_waiting is not None and self._worth_waiting(len(batch)):
-                await self._fill(batch)
+            async with self._collecting:
+                batch = [await self._queue.get()]
+                while len(batch) < self._max_batch and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                if self._worth_waiting is not None and self._worth_waiting(len(batch)):
+                    await self._fill(batch)
             self._writing += 1
             try:
                 results = await self._write([item for item, _ in batch])

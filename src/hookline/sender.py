@@ -152,6 +152,10 @@ class WebhookSender:
             self._record_and_refill,
             name="hookline-webhook-results",
             worth_waiting=lambda queued: queued < self._claim_batch and bool(self._posting),
+            # PostgreSQL: a recording waits on round trips to the server, so two run at once
+            # (+12-15% messages/s measured; the claims in them skip each other's rows). SQLite
+            # writes one transaction at a time anyway.
+            writers=2 if store.database.dialect == "postgresql" else 1,
         )
         self._checked_urls: set[str] = set()  # URLs whose scheme and literal address passed
         self._secrets = LoadingCache[tuple[str, str | None], list[str]](_CACHE_SECONDS)
