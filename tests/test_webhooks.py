@@ -526,3 +526,43 @@ async def test_a_jobs_messages_go_in_event_order_whatever_the_writers_clocks(
         assert [d.id for d in first] == ["msg_2"]  # only the head of the job's queue
     finally:
         await store.close()
+
+
+async def test_claimed_messages_whose_lease_is_nearly_out_are_left_for_a_later_claim(
+    database_url: str, receiver: WebhookReceiver
+) -> None:
+    """The sender's ready set never starts a POST that could outlive its message's lease (another
+    process might take the message meanwhile); such messages wait for the lease to lapse."""
+    from hookline.config import WebhooksConfig
+    from hookline.events import Event, EventType
+    from hookline.notify import Notifier
+    from hookline.sender import WebhookSender
+    from hookline.store.outbox import enqueue_deliveries
+
+    clock = ManualClock(start_ms=1_900_000_000_000)
+    store = await open_store(database_url, migrate=False)
+    try:
+        now = clock.now_ms()
+        events = [
+            (Event(0, f"job_{i}", "acme", 1, EventType.SUCCEEDED, {}, now), None,
+             {"url": receiver.url(f"/d{i % 2}"), "events": ["job.succeeded"]})
+            for i in range(4)
+        ]  # fmt: skip
+        await store.database.write(lambda conn: enqueue_deliveries(conn, events, now))
+        config = WebhooksConfig(allowed_networks=["127.0.0.0/8"], timeout_seconds=15)
+        sender = WebhookSender(store.webhooks, config, clock, Notifier())
+        # Claimed with a lease shorter than a send may take: nothing is sent.
+        batch = await store.webhooks.claim_due(now, 10, "lease_short", now + 5_000, ())
+        assert len(batch) == 4
+        await sender._make_ready(batch)
+        await asyncio.sleep(0.2)
+        assert receiver.at("/d0") == [] and receiver.at("/d1") == []
+        assert sender._ready_count == 0 and not sender._ready
+        # Once the lease has lapsed, a sender claims and sends them.
+        clock.advance(6)
+        await sender.start()
+        await receiver.wait_for("/d0", 2)
+        await receiver.wait_for("/d1", 2)
+        await sender.stop()
+    finally:
+        await store.close()

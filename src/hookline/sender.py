@@ -313,6 +313,8 @@ class WebhookSender:
         # A message whose lease could run out before its POST and its recording is skipped:
         # another claim takes it once the lease lapses.
         fresh_until = self.clock.now_ms() + int((self.config.timeout_seconds + 1) * 1000)
+        chosen: tuple[str, Delivery] | None = None
+        emptied: list[str] = []  # destinations whose every message was stale
         for dest, queue in self._ready.items():
             if self._posting[dest] >= limit:
                 continue
@@ -324,14 +326,19 @@ class WebhookSender:
                 delivery = queue.popleft()
                 self._ready_count -= 1
                 if (delivery.lease_expires_at or 0) >= fresh_until:
+                    chosen = dest, delivery
                     break
-            else:
-                del self._ready[dest]
-                continue
+            if chosen is not None:
+                break
+            emptied.append(dest)
+        for dest in emptied:  # (not while iterating)
+            del self._ready[dest]
+        if chosen is not None:
+            dest, delivery = chosen
+            queue = self._ready.pop(dest)
             if queue:  # the destination goes to the back of the line
-                self._ready[dest] = self._ready.pop(dest)
-            else:
-                del self._ready[dest]
+                self._ready[dest] = queue
+            bucket = self._buckets.get(dest)
             if bucket is not None:
                 bucket.take()
             self._posting[dest] += 1
