@@ -3,8 +3,10 @@
 A write per request costs a commit (an fsync on SQLite) and, on PostgreSQL, a round trip. Here each
 caller puts its item on a queue and awaits a future; one task takes everything queued, writes it in
 one call, and resolves the futures. While one batch commits the next one fills, so the batch size
-follows the load by itself and an idle gateway still writes each item at once. Used for accepting
-jobs and for recording webhook attempts.
+follows the load by itself; an item that finds the writer idle is written by its caller at once.
+Optionally the writer waits briefly for a worthwhile batch (``worth_waiting``), and several writers
+can write at once (``writers``, for a database server's round trips). Used for accepting jobs and
+for recording webhook attempts.
 """
 
 from __future__ import annotations
