@@ -227,3 +227,33 @@ async def test_a_waiting_call_is_run_at_once_by_this_process_and_only_once(
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     job = (await live.client.get(f"/v1/jobs/{job_id}")).json()
     assert job["attempts"] == 1 and job["started_at"] is not None
+
+
+async def test_facade_jobs_cost_no_claim_transactions(
+    live: LiveGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A facade call is accepted already claimed: its end frees a slot but, with nothing queued,
+    wakes no claim (before, each one cost an empty claim transaction). A queued job still runs."""
+    store = live.gateway.store
+    claims = 0
+    claim_jobs = store.claim_jobs
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        return await claim_jobs(*args, **kwargs)
+
+    monkeypatch.setattr(store, "claim_jobs", counting)
+    body = {"model": "echo-1", "messages": MESSAGES}
+    started = asyncio.get_running_loop().time()
+    for _ in range(20):
+        response = await live.client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200
+    elapsed = asyncio.get_running_loop().time() - started
+    polls = elapsed / live.gateway.settings.worker.poll_seconds
+    assert claims <= polls + 5, (claims, polls)  # the idle polls only, not one per job (20)
+    # A job that waits in the queue is still claimed and run (its accept announces it).
+    queued = {"operation": "chat.completions", "model": "echo-1", "input": {"messages": MESSAGES}}
+    job = (await live.client.post("/v1/jobs", json=queued)).json()
+    done = await wait_for_status(live.client, job["id"], {"succeeded"})
+    assert done["status"] == "succeeded"
