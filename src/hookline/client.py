@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -49,6 +49,7 @@ _TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 _BATCH_TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _RETRY_STATUSES = frozenset({502, 503, 504})
 _LONG_POLL_MAX = 60.0
+_Http = TypeVar("_Http", httpx.Client, httpx.AsyncClient)
 
 
 # --- results
@@ -232,6 +233,13 @@ def _settings(url: str | None, api_key: str | None) -> tuple[str, str]:
     return url.rstrip("/"), api_key
 
 
+def _point_at(http: _Http, url: str, api_key: str) -> _Http:
+    """Aim an httpx client (either kind) at hookline, with the API key."""
+    http.base_url = httpx.URL(url)
+    http.headers["Authorization"] = f"Bearer {api_key}"
+    return http
+
+
 def _submit_request(
     operation: str,
     input: Mapping[str, Any],
@@ -363,9 +371,7 @@ class Client:
     ) -> None:
         self.url, api_key = _settings(url, api_key)
         self.retries = retries
-        self._http = http_client or httpx.Client(timeout=timeout)
-        self._http.base_url = httpx.URL(self.url)
-        self._http.headers["Authorization"] = f"Bearer {api_key}"
+        self._http = _point_at(http_client or httpx.Client(timeout=timeout), self.url, api_key)
 
     def __enter__(self) -> Client:
         return self
@@ -542,9 +548,7 @@ class AsyncClient:
     ) -> None:
         self.url, api_key = _settings(url, api_key)
         self.retries = retries
-        self._http = http_client or httpx.AsyncClient(timeout=timeout)
-        self._http.base_url = httpx.URL(self.url)
-        self._http.headers["Authorization"] = f"Bearer {api_key}"
+        self._http = _point_at(http_client or httpx.AsyncClient(timeout=timeout), self.url, api_key)
 
     async def __aenter__(self) -> AsyncClient:
         return self

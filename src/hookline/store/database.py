@@ -6,8 +6,8 @@ Writing the operations synchronously lets each database run them its best way:
 * SQLite (stdlib ``sqlite3``): writes queue for one writer task, which runs what queued up
   together as one transaction, each write in a savepoint of its own (a write that fails is undone
   alone and its caller gets the error): under load one commit, one fsync and one hand-off to the
-  writer thread serve many writes (measured on the streaming benchmark at c=100: 2.1 ms of CPU per
-  stream instead of 3.1). A transaction starts with ``BEGIN IMMEDIATE`` (so it never fails
+  writer thread serve many writes (measured on the streaming benchmark at c=100: 2.0-2.2 ms of
+  CPU per stream instead of 2.8-3.4). A transaction starts with ``BEGIN IMMEDIATE`` (so it never fails
   half-way on a lock upgrade) and its statements run right in the event loop when the database
   is free: short transactions cost less there than a hand-off to a thread, whose every GIL
   re-acquisition waits behind the busy loop (measured: a 32-row accept batch took 24 ms on a
