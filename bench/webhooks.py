@@ -82,10 +82,14 @@ async def sender_throughput(database_url: str, url: str, n: int) -> float:
     sender = WebhookSender(store.webhooks, config, SystemClock(), Notifier())
     started, cpu_started = time.perf_counter(), time.process_time()
     await sender.start()
+    # Ordered as the due-messages index is, so the check is an index probe: a plain LIMIT 1 was
+    # planned (on statistics from before the run) as a sequential scan of the whole outbox,
+    # which cost PostgreSQL up to ~10 ms of CPU per check, beside the sender being measured.
     pending_query = (
         deliveries.select()
         .where(deliveries.c.status == "pending")
         .with_only_columns(deliveries.c.id)
+        .order_by(deliveries.c.next_attempt_at)
         .limit(1)
     )
     while await store.database.read(lambda conn: conn.execute(pending_query).first()) is not None:  # noqa: ASYNC110
