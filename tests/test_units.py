@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from hookline.ids import has_prefix, new_id
 from hookline.jobs import JobStatus, Operation, check_transition
 from hookline.queue import JobQueue
 from hookline.upstreams.assembly import StreamAssembler
+from hookline.upstreams.openai import _parse_lines
 
 
 def test_ids_are_prefixed_unique_and_increasing() -> None:
@@ -175,3 +177,24 @@ def test_bad_config_files(tmp_path: Path, text: str, message: str) -> None:
     config.write_text(text)
     with pytest.raises(InvalidRequest, match=message):
         load_settings(config)
+
+
+def test_a_read_of_sse_lines_is_parsed_whole_and_stops_at_done_or_an_error() -> None:
+    first, second = orjson.dumps(chunk("a")), orjson.dumps(chunk("b"))
+    lines = [b": keep-alive", b"event: message", b"data: " + first + b"\r", b"\r", b"data:" + second,
+             b"", b"data: [DONE]", b"data: " + first]  # fmt: skip
+    chunks, done = _parse_lines(lines)
+    assert done and [c["choices"][0]["delta"]["content"] for c in chunks] == ["a", "b"]
+    assert _parse_lines([b"data: " + first, b""]) == ([orjson.loads(first)], False)
+
+    error = {"error": {"message": "overloaded", "type": "server_error"}}
+    chunks, done = _parse_lines(
+        [b"data: " + first, b"data: " + orjson.dumps(error), b"data: " + second]
+    )
+    assert done and chunks == [orjson.loads(first), error]  # the text before it, then the error
+
+
+@pytest.mark.parametrize("payload", [b"{", b"", b'{"a": 1}, {"b": 2}', b"1, 2"])
+def test_a_data_line_that_is_not_one_json_value_is_refused(payload: bytes) -> None:
+    with pytest.raises(orjson.JSONDecodeError):
+        _parse_lines([b"data: " + orjson.dumps(chunk("a")), b"data: " + payload])

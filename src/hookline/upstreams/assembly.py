@@ -11,6 +11,8 @@ from typing import Any
 from hookline.jobs import Operation
 from hookline.upstreams.base import DeltaSink
 
+_HEADER_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
+
 
 class StreamAssembler:
     def __init__(self, operation: Operation, on_delta: DeltaSink) -> None:
@@ -20,51 +22,66 @@ class StreamAssembler:
         self.choices: dict[int, dict[str, Any]] = {}
         self.usage: dict[str, Any] | None = None
         self.finished = False
-        self._unsent: dict[int, list[str]] = {}  # new text per choice, not yet given to on_delta
+        self._chat = operation is Operation.CHAT_COMPLETIONS
+        self._sent: dict[int, int] = {}  # per choice, how many text parts went to on_delta
 
     def feed(self, *chunks: dict[str, Any]) -> None:
         """Take chunks that arrived together: their text goes to ``on_delta`` once per choice
         (a burst of a fast upstream is one live delta, not hundreds)."""
         for chunk in chunks:
             self._take(chunk)
-        if self._unsent:
-            unsent, self._unsent = self._unsent, {}
-            for index, parts in unsent.items():
-                self.on_delta(index, "".join(parts))
+        for index, state in self.choices.items():
+            parts = state["text"]
+            sent = self._sent.get(index, 0)
+            if len(parts) > sent:
+                self._sent[index] = len(parts)
+                self.on_delta(index, "".join(parts[sent:]))
 
     def _take(self, chunk: dict[str, Any]) -> None:
-        for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
-            if chunk.get(key) is not None:
-                self.header[key] = chunk[key]
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
+        # Every chunk is taken apart here, so this stays lean: one lookup per key.
+        header = self.header
+        for key in _HEADER_KEYS:
+            value = chunk.get(key)
+            if value is not None:
+                header[key] = value
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage
+        for choice in chunk.get("choices") or ():
             index = int(choice.get("index", 0))
-            state = self.choices.setdefault(index, {"index": index, "text": [], "tools": {}})
-            if self.operation is Operation.CHAT_COMPLETIONS:
+            state = self.choices.get(index)
+            if state is None:
+                state = self.choices[index] = {"index": index, "text": [], "tools": {}}
+            if self._chat:
                 self._feed_chat(state, choice)
             else:
-                text = choice.get("text") or ""
+                text = choice.get("text")
                 if text:
                     state["text"].append(text)
-                    self._unsent.setdefault(index, []).append(text)
-            if choice.get("logprobs") is not None:
-                state.setdefault("logprobs", []).append(choice["logprobs"])
-            if choice.get("finish_reason"):
-                state["finish_reason"] = choice["finish_reason"]
+            logprobs = choice.get("logprobs")
+            if logprobs is not None:
+                state.setdefault("logprobs", []).append(logprobs)
+            finish_reason = choice.get("finish_reason")
+            if finish_reason:
+                state["finish_reason"] = finish_reason
                 self.finished = True
 
     def _feed_chat(self, state: dict[str, Any], choice: dict[str, Any]) -> None:
-        delta = choice.get("delta") or {}
-        if delta.get("role"):
-            state["role"] = delta["role"]
+        delta = choice.get("delta")
+        if not delta:
+            return
         content = delta.get("content")
         if content:
             state["text"].append(content)
-            self._unsent.setdefault(state["index"], []).append(content)
-        if delta.get("refusal"):
-            state["refusal"] = state.get("refusal", "") + delta["refusal"]
-        for call in delta.get("tool_calls") or []:
+        if len(delta) == (1 if content is not None else 0):
+            return  # the common chunk: text only
+        role = delta.get("role")
+        if role:
+            state["role"] = role
+        refusal = delta.get("refusal")
+        if refusal:
+            state["refusal"] = state.get("refusal", "") + refusal
+        for call in delta.get("tool_calls") or ():
             slot = state["tools"].setdefault(
                 int(call.get("index", 0)),
                 {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
