@@ -73,6 +73,23 @@ async def test_raw_stream_ends_with_done_and_carries_the_job_id(
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "abc def"
 
 
+async def test_a_quiet_stream_gets_heartbeats_until_its_first_token(
+    database_url: str, upstream: ScriptedUpstream
+) -> None:
+    settings = gateway_settings(database_url, upstream.base_url)
+    settings = settings.model_copy(
+        update={"streams": settings.streams.model_copy(update={"heartbeat_seconds": 0.2})}
+    )
+    upstream.script("echo-1", Reply(text="late but whole", chunks=2, first_token_delay=1.0))
+    body = {"model": "echo-1", "messages": MESSAGES, "stream": True}
+    async with serve(settings) as live:
+        stream = await read_sse(live.client, "/v1/chat/completions", method="POST", json_body=body)
+    assert len(stream.comments) >= 3  # about one per 0.2 s before the first token
+    chunks = [json.loads(m.data) for m in stream.messages[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "late but whole"
+    assert stream.messages[-1].data == "[DONE]"
+
+
 async def test_completions_and_embeddings_and_models(live: LiveGateway) -> None:
     async with sdk(live) as client:
         completion = await client.completions.create(model="echo-1", prompt="say hi", max_tokens=5)
@@ -120,6 +137,13 @@ async def test_a_client_that_disconnects_does_not_abort_the_job(
         live.client, "/v1/chat/completions", method="POST", json_body=body, limit=3
     )
     job_id = partial.headers["hookline-job-id"]
+    # The relay to the gone client stops (its watch of the job ends) while the job runs on.
+    for _ in range(100):
+        if not live.gateway.queue.live.watching(job_id):
+            break
+        await asyncio.sleep(0.01)
+    assert not live.gateway.queue.live.watching(job_id)
+    assert (await live.client.get(f"/v1/jobs/{job_id}")).json()["status"] == "running"
     done = await wait_for_status(live.client, job_id, {"succeeded"})
     assert done["output"]["choices"][0]["message"]["content"] == text
     assert upstream.requests[-1].aborted is False

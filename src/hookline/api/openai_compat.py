@@ -19,12 +19,11 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
-from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
 from hookline.api.problems import json_response, problem
 from hookline.api.schemas import JobCreate
-from hookline.api.streams import sse_stream
+from hookline.api.sse_relay import SSERelayResponse
 from hookline.errors import InvalidRequest
 from hookline.events import EventType
 from hookline.gateway import Gateway
@@ -241,12 +240,12 @@ def _failure(job: Job) -> tuple[int, str, str]:
     )
 
 
-def _openai_sse(gateway: Gateway, chunks: AsyncIterator[list[str]]) -> EventSourceResponse:
+def _openai_sse(gateway: Gateway, chunks: AsyncIterator[list[str]]) -> SSERelayResponse:
     async def events() -> AsyncIterator[bytes]:
         async for batch in chunks:  # what is ready at once goes out in one write
             yield b"".join(b"data: %s\n\n" % data.encode() for data in batch)
 
-    return sse_stream(gateway, events())
+    return SSERelayResponse(events(), heartbeat_seconds=gateway.settings.streams.heartbeat_seconds)
 
 
 async def _chunks(
