@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import email.utils
+import itertools
+import json
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hookline.config import load_settings
@@ -17,7 +20,7 @@ from hookline.ids import has_prefix, new_id
 from hookline.jobs import JobStatus, Operation, check_transition
 from hookline.queue import JobQueue
 from hookline.upstreams.assembly import StreamAssembler
-from hookline.upstreams.openai import _parse_lines
+from hookline.upstreams.chunk_stream import ChunkStreamParser
 
 
 def test_ids_are_prefixed_unique_and_increasing() -> None:
@@ -179,22 +182,86 @@ def test_bad_config_files(tmp_path: Path, text: str, message: str) -> None:
         load_settings(config)
 
 
-def test_a_read_of_sse_lines_is_parsed_whole_and_stops_at_done_or_an_error() -> None:
+def parse_all(data: bytes) -> tuple[list[Any], bool]:
+    parser = ChunkStreamParser()
+    items = parser.feed(data)
+    return items + parser.end(), parser.done
+
+
+def test_sse_lines_are_parsed_up_to_done_or_an_error() -> None:
     first, second = orjson.dumps(chunk("a")), orjson.dumps(chunk("b"))
-    lines = [b": keep-alive", b"event: message", b"data: " + first + b"\r", b"\r", b"data:" + second,
-             b"", b"data: [DONE]", b"data: " + first]  # fmt: skip
-    chunks, done = _parse_lines(lines)
-    assert done and [c["choices"][0]["delta"]["content"] for c in chunks] == ["a", "b"]
-    assert _parse_lines([b"data: " + first, b""]) == ([orjson.loads(first)], False)
+    data = (b": keep-alive\nevent: message\ndata: " + first + b"\r\n\r\ndata:" + second
+            + b"\n\ndata: [DONE]\n\ndata: " + first + b"\n\n")  # fmt: skip
+    items, done = parse_all(data)
+    assert done and [c["choices"][0]["delta"]["content"] for c in items] == ["a", "b"]
+    assert parse_all(b"data: " + first) == ([orjson.loads(first)], False)  # no last newline
 
     error = {"error": {"message": "overloaded", "type": "server_error"}}
-    chunks, done = _parse_lines(
-        [b"data: " + first, b"data: " + orjson.dumps(error), b"data: " + second]
-    )
-    assert done and chunks == [orjson.loads(first), error]  # the text before it, then the error
+    data = b"".join(b"data: %b\n\n" % orjson.dumps(c) for c in (chunk("a"), error, chunk("b")))
+    items, done = parse_all(data)
+    assert done and items == [chunk("a"), error]  # the text before it, then the error
 
 
 @pytest.mark.parametrize("payload", [b"{", b"", b'{"a": 1}, {"b": 2}', b"1, 2"])
 def test_a_data_line_that_is_not_one_json_value_is_refused(payload: bytes) -> None:
     with pytest.raises(orjson.JSONDecodeError):
-        _parse_lines([b"data: " + orjson.dumps(chunk("a")), b"data: " + payload])
+        parse_all(b"data: " + orjson.dumps(chunk("a")) + b"\ndata: " + payload + b"\n")
+
+
+def _chunk_lines(chunks: list[dict[str, Any]], spaced: list[bool]) -> bytes:
+    # Some servers write JSON with spaces, most without.
+    return (
+        b"".join(
+            b"data: %b\n\n" % (json.dumps(c).encode() if with_spaces else orjson.dumps(c))
+            for c, with_spaces in zip(chunks, spaced, strict=True)
+        )
+        + b"data: [DONE]\n\n"
+    )
+
+
+def _with_delta(c: dict[str, Any], **after_the_text: str) -> dict[str, Any]:
+    choice = c["choices"][0]
+    return {**c, "choices": [{**choice, "delta": {**choice["delta"], **after_the_text}}]}
+
+
+_texts = st.text(alphabet=st.sampled_from('ab "\\/\n\t\u00e9\u2603{}:,'), max_size=6)
+_chat_chunks = st.one_of(
+    _texts.map(lambda t: chunk(t)),
+    _texts.map(lambda t: chunk(t, index=1)),
+    _texts.map(lambda t: chunk(t, role="assistant")),
+    _texts.map(lambda t: {**chunk(t), "created": 2}),
+    _texts.map(lambda t: _with_delta(chunk(t), role="assistant")),  # the role after the text
+    _texts.map(lambda t: _with_delta(chunk(t), refusal="no")),
+    _texts.map(lambda t: {**chunk(t), "usage": {"total_tokens": 3}}),
+    st.just(chunk(tool={"index": 0, "id": "c", "function": {"name": "f", "arguments": "{}"}})),
+    st.just(chunk(finish="stop")),
+)
+
+
+@settings(max_examples=400)
+@given(
+    chunks=st.lists(_chat_chunks, min_size=1, max_size=25),
+    spaced=st.data(),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=8),
+)
+def test_reading_in_any_pieces_assembles_what_each_chunk_parsed_alone_does(
+    chunks: list[dict[str, Any]], spaced: st.DataObject, cuts: list[int]
+) -> None:
+    flags = spaced.draw(st.lists(st.booleans(), min_size=len(chunks), max_size=len(chunks)))
+    data = _chunk_lines(chunks, flags)
+    expected = StreamAssembler(Operation.CHAT_COMPLETIONS, lambda i, t: None)
+    for c in chunks:
+        expected.feed(c)
+    deltas: dict[int, list[str]] = {}
+    got = StreamAssembler(
+        Operation.CHAT_COMPLETIONS, lambda i, t: deltas.setdefault(i, []).append(t)
+    )
+    parser = ChunkStreamParser()
+    bounds = [0, *sorted(min(c, len(data)) for c in cuts), len(data)]
+    for start, end in itertools.pairwise(bounds):
+        got.feed(*parser.feed(data[start:end]))
+    got.feed(*parser.end())
+    assert parser.done
+    assert got.result() == expected.result()
+    for choice in got.result()["choices"]:
+        assert "".join(deltas.get(choice["index"], [])) == (choice["message"]["content"] or "")
