@@ -29,6 +29,9 @@ from hookline.store.base import AcceptOutcome, Store, Transitioned
 
 JOBS_AVAILABLE = "jobs.available"
 JOB_CANCELLED = "job.cancelled"
+# Loop turns an adopted job's upstream call takes to send its request (its task starting, then
+# aiohttp's write of the body in a task of its own), before an accept that would not yield.
+_TURNS_FOR_THE_UPSTREAM_REQUEST = 2
 
 
 def job_topic(job_id: str) -> str:
@@ -176,6 +179,10 @@ class JobQueue:
             first_events.append(NewEvent(EventType.STARTED, {"attempt": 1}))
             if on_built is not None:
                 on_built(job)
+                # Let the upstream call go out before the accept's write, which may run (and
+                # commit) without yielding: its answer is then on the way while the job commits.
+                for _ in range(_TURNS_FOR_THE_UPSTREAM_REQUEST):
+                    await asyncio.sleep(0)
         outcome = await self._writer.submit((job, first_events))
         if outcome.duplicate:
             assert request.idempotency_key is not None
