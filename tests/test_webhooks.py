@@ -566,3 +566,47 @@ async def test_claimed_messages_whose_lease_is_nearly_out_are_left_for_a_later_c
         await sender.stop()
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("enqueued", ["after the late send", "while it is being sent"])
+async def test_the_next_output_delta_message_waits_an_interval_after_a_late_send(
+    database_url: str, enqueued: str
+) -> None:
+    """The 500 ms between a job's output delta messages count from when the last one went out,
+    not from when it was due: a late send must not bring the next one closer to it."""
+    from hookline.deliveries import AttemptOutcome
+    from hookline.events import Event, EventType
+    from hookline.store.outbox import DELTA_INTERVAL_MS, enqueue_deliveries
+
+    store = await open_store(database_url, migrate=False)
+    webhook = {"url": "http://127.0.0.1:9/hook", "events": ["job.output.delta"]}
+
+    def delta(seq: int, text: str, now: int) -> list[Any]:
+        data = {"attempt": 1, "index": 0, "text": text}
+        return [
+            (Event(0, "job_late", "acme", seq, EventType.OUTPUT_DELTA, data, now), None, webhook)
+        ]
+
+    async def enqueue(seq: int, text: str, now: int) -> None:
+        await store.database.write(
+            lambda conn: enqueue_deliveries(conn, delta(seq, text, now), now)
+        )
+
+    try:
+        due = 1_900_000_000_000
+        await enqueue(1, "a", due)
+        [first] = await store.webhooks.claim_due(due, 10, "lease_1", due + 60_000, ())
+        sent = due + 300  # it went out (and its outcome was recorded) 300 ms after it was due
+        ok = AttemptOutcome(200, 5, None, "ok", True, None)
+        if enqueued == "while it is being sent":
+            await enqueue(2, "b", due + 100)
+        await store.webhooks.record_attempts([(first, "lease_1", ok, sent)])
+        if enqueued == "after the late send":
+            await enqueue(2, "b", sent + 50)
+        pending = await store.webhooks.list_deliveries("acme", status="pending", limit=10)
+        assert [d.payload["data"]["text"] for d in pending] == ["b"]
+        assert pending[0].next_attempt_at >= sent + DELTA_INTERVAL_MS
+        # Nothing is due before then.
+        assert await store.webhooks.claim_due(sent + 499, 10, "lease_2", sent + 60_000, ()) == []
+    finally:
+        await store.close()

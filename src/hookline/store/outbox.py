@@ -109,7 +109,8 @@ def enqueue_deliveries(
 def _throttle_delta(conn: Connection, key: str, body: dict[str, Any], now: int) -> int | None:
     """At most one ``job.output.delta`` message per destination and job every
     ``DELTA_INTERVAL_MS``, carrying every delta since the last: a delta joins the newest message of
-    its queue while that one has not been tried yet; otherwise it is due one interval after it.
+    its queue while that one has not been tried yet; otherwise it is due one interval after it
+    (after it was sent, if it went later than due; see also :func:`space_deltas_after_sends`).
     Returns when the new message is due, or None when the delta was merged."""
     last = conn.execute(
         sa.select(
@@ -120,6 +121,7 @@ def _throttle_delta(conn: Connection, key: str, body: dict[str, Any], now: int) 
             deliveries.c.lease_token,
             deliveries.c.payload,
             deliveries.c.next_attempt_at,
+            deliveries.c.updated_at,
         )
         .where(deliveries.c.order_key == key)
         .order_by(deliveries.c.seq.desc(), deliveries.c.id.desc())
@@ -135,8 +137,11 @@ def _throttle_delta(conn: Connection, key: str, body: dict[str, Any], now: int) 
         and previous.get("attempt") == data.get("attempt")
         and previous.get("index") == data.get("index")
     )
+    # A message already tried was sent before its outcome was recorded (updated_at), which may
+    # be well after it was due.
+    after = max(int(last.next_attempt_at), int(last.updated_at) if last.attempts else 0)
     if not mergeable:
-        return max(now, int(last.next_attempt_at) + DELTA_INTERVAL_MS)
+        return max(now, after + DELTA_INTERVAL_MS)
     text = previous["text"] + data["text"]
     merged = {**last.payload, "data": {**previous, "text": text, "last_seq": data["seq"]}}
     merged_into = conn.execute(
@@ -145,7 +150,24 @@ def _throttle_delta(conn: Connection, key: str, body: dict[str, Any], now: int) 
         .values(payload=merged, updated_at=now)
     ).rowcount
     # Claimed by a sender in the meantime (PostgreSQL): the delta goes in a message of its own.
-    return None if merged_into else max(now, int(last.next_attempt_at) + DELTA_INTERVAL_MS)
+    return None if merged_into else max(now, after + DELTA_INTERVAL_MS)
+
+
+def space_deltas_after_sends(conn: Connection, sent: dict[str, int]) -> None:
+    """``sent``: order key -> when a ``job.output.delta`` message of it was sent (its outcome
+    recorded). The next delta message of each is due no sooner than an interval after that: its
+    due time was set from the sent one's due time, and that one may have gone out late."""
+    for key, at in sent.items():
+        conn.execute(
+            sa.update(deliveries)
+            .where(
+                deliveries.c.order_key == key,
+                deliveries.c.status == PENDING,
+                deliveries.c.event_type == EventType.OUTPUT_DELTA.value,
+                deliveries.c.next_attempt_at < at + DELTA_INTERVAL_MS,
+            )
+            .values(next_attempt_at=at + DELTA_INTERVAL_MS)
+        )
 
 
 def report_disabled(conn: Connection, endpoint: Endpoint, now: int) -> None:

@@ -11,9 +11,16 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from hookline.deliveries import Attempt, AttemptOutcome, Delivery, Endpoint
+from hookline.events import EventType
 from hookline.ids import new_id
 from hookline.store.database import Database, chosen_once
-from hookline.store.outbox import FAILED, PENDING, SUCCEEDED, report_disabled
+from hookline.store.outbox import (
+    FAILED,
+    PENDING,
+    SUCCEEDED,
+    report_disabled,
+    space_deltas_after_sends,
+)
 from hookline.store.schema import deliveries, delivery_attempts, webhook_endpoints, webhook_secrets
 from hookline.webhooks import new_secret
 
@@ -511,6 +518,12 @@ def _record_all(conn: Connection, results: list[RecordedAttempt]) -> list[bool]:
         }
         held.update(conn.execute(_apply_success, params).scalars())
     kept = [r for r in results if r[0].id in held]
+    sent_deltas: dict[str, int] = {}
+    for delivery, _, outcome, now in kept:
+        if outcome.succeeded and delivery.event_type == EventType.OUTPUT_DELTA.value:
+            sent_deltas[delivery.order_key] = max(now, sent_deltas.get(delivery.order_key, 0))
+    if sent_deltas:  # rare: only endpoints that asked for output deltas get them
+        space_deltas_after_sends(conn, sent_deltas)
     if kept:
         conn.execute(
             _insert_attempt,
