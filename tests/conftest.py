@@ -164,8 +164,9 @@ def gateway_settings(database_url: str, upstream_url: str, **changes: Any) -> Se
             **changes.pop("worker", {}),
         }
     )
+    streams = settings.streams.model_copy(update=changes.pop("streams", {}))
     return settings.model_copy(
-        update={"jobs": jobs, "worker": worker, "webhooks": webhooks, **changes}
+        update={"jobs": jobs, "worker": worker, "webhooks": webhooks, "streams": streams, **changes}
     )
 
 

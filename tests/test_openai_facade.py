@@ -76,10 +76,7 @@ async def test_raw_stream_ends_with_done_and_carries_the_job_id(
 async def test_a_quiet_stream_gets_heartbeats_until_its_first_token(
     database_url: str, upstream: ScriptedUpstream
 ) -> None:
-    settings = gateway_settings(database_url, upstream.base_url)
-    settings = settings.model_copy(
-        update={"streams": settings.streams.model_copy(update={"heartbeat_seconds": 0.2})}
-    )
+    settings = gateway_settings(database_url, upstream.base_url, streams={"heartbeat_seconds": 0.2})
     upstream.script("echo-1", Reply(text="late but whole", chunks=2, first_token_delay=1.2))
     body = {"model": "echo-1", "messages": MESSAGES, "stream": True}
     async with serve(settings) as live:

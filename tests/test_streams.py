@@ -152,9 +152,8 @@ async def test_resume_with_after_parameter_and_across_a_retried_attempt(
 async def test_heartbeat_comments_keep_an_idle_stream_open(
     database_url: str, upstream: ScriptedUpstream
 ) -> None:
-    settings_ = gateway_settings(database_url, upstream.base_url)
-    settings_ = settings_.model_copy(
-        update={"streams": settings_.streams.model_copy(update={"heartbeat_seconds": 0.2})}
+    settings_ = gateway_settings(
+        database_url, upstream.base_url, streams={"heartbeat_seconds": 0.2}
     )
     upstream.script("m", Hang(seconds=30))
     async with serve(settings_) as live:
