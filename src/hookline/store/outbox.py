@@ -154,9 +154,9 @@ def _throttle_delta(conn: Connection, key: str, body: dict[str, Any], now: int) 
 
 
 def space_deltas_after_sends(conn: Connection, sent: dict[str, int]) -> None:
-    """``sent``: order key -> when a ``job.output.delta`` message of it was sent (its outcome
-    recorded). The next delta message of each is due no sooner than an interval after that: its
-    due time was set from the sent one's due time, and that one may have gone out late."""
+    """``sent``: order key -> when the receiver answered a ``job.output.delta`` message of it.
+    The next delta message of each is due no sooner than an interval after that: its due time was
+    set from the sent one's due time, and that one may have gone out late."""
     for key, at in sent.items():
         conn.execute(
             sa.update(deliveries)
