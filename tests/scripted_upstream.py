@@ -45,7 +45,13 @@ class Hang:
     seconds: float = 3600.0
 
 
-Step = Reply | Status | Drop | Hang
+@dataclasses.dataclass
+class ErrorChunk:
+    after_chunks: int = 2  # stream this many chunks of the echo, then an error chunk, and end
+    message: str = "scripted error mid-stream"
+
+
+Step = Reply | Status | Drop | Hang | ErrorChunk
 
 
 @dataclasses.dataclass
@@ -161,6 +167,12 @@ class ScriptedUpstream:
             if isinstance(step, Drop) and i == step.after_chunks:
                 assert request.transport is not None
                 request.transport.close()  # the connection breaks mid-stream
+                return response
+            if isinstance(step, ErrorChunk) and i == step.after_chunks:
+                # As OpenAI reports an error after the stream began: a chunk with "error".
+                await response.write(
+                    _sse({"error": {"message": step.message, "type": "server_error"}})
+                )
                 return response
             if isinstance(step, Reply):
                 await asyncio.sleep(step.first_token_delay if i == 0 else step.token_delay)

@@ -198,8 +198,9 @@ def test_sse_lines_are_parsed_up_to_done_or_an_error() -> None:
 
     error = {"error": {"message": "overloaded", "type": "server_error"}}
     data = b"".join(b"data: %b\n\n" % orjson.dumps(c) for c in (chunk("a"), error, chunk("b")))
-    items, done = parse_all(data)
-    assert done and items == [chunk("a"), error]  # the text before it, then the error
+    parser = ChunkStreamParser()
+    items = parser.feed(data)
+    assert parser.done and items == [chunk("a")] and parser.error == error  # the text before it
 
 
 @pytest.mark.parametrize("payload", [b"{", b"", b'{"a": 1}, {"b": 2}', b"1, 2"])

@@ -7,7 +7,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from tests.conftest import LiveGateway, gateway_settings, serve, wait_for_status
-from tests.scripted_upstream import Drop, Hang, Reply, ScriptedUpstream, Status, free_port
+from tests.scripted_upstream import (
+    Drop,
+    ErrorChunk,
+    Hang,
+    Reply,
+    ScriptedUpstream,
+    Status,
+    free_port,
+)
 
 
 def chat(model: str, **extra: Any) -> dict[str, Any]:
@@ -79,6 +87,20 @@ async def test_stream_dropped_midway_is_retried_and_output_is_whole(
     first_attempt = "".join(d["text"] for d in deltas if d["attempt"] == 1)
     assert "echo: hi there".startswith(first_attempt) and first_attempt != "echo: hi there"
     assert "".join(d["text"] for d in deltas if d["attempt"] == 2) == "echo: hi there"
+
+
+async def test_an_error_chunk_mid_stream_fails_the_attempt_after_the_text_before_it(
+    database_url: str, upstream: ScriptedUpstream
+) -> None:
+    upstream.script("erring", ErrorChunk(after_chunks=2, message="the model fell over"))
+    async with gateway(database_url, upstream.base_url, jobs={"max_attempts": 2}) as live:
+        job = (await live.client.post("/v1/jobs", json=chat("erring"))).json()
+        done = await wait_for_status(live.client, job["id"], {"failed"})
+        assert done["attempts"] == 2 and done["error"]["message"] == "the model fell over"
+        events = await events_of(live, job["id"])
+        deltas = [e["data"] for e in events if e["type"] == "job.output.delta"]
+        first = "".join(d["text"] for d in deltas if d["attempt"] == 1)
+        assert first and "echo: hi there".startswith(first) and first != "echo: hi there"
 
 
 async def test_hang_past_the_timeout_fails_after_the_last_attempt(

@@ -49,21 +49,16 @@ def sse_response(gateway: Gateway, batches: AsyncIterator[list[StreamItem]]) -> 
         async for batch in batches:
             yield b"".join(encode_sse(item) for item in batch)  # one write per batch
 
-    return sse_stream(gateway, events())
+    return EventSourceResponse(
+        events(),
+        ping=gateway.settings.streams.heartbeat_seconds,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def encode_sse(item: StreamItem) -> bytes:
     body = orjson.dumps(item.body)
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (item.id.encode(), item.type.encode(), body)
-
-
-def sse_stream(gateway: Gateway, chunks: AsyncIterator[bytes]) -> EventSourceResponse:
-    """An SSE response of already encoded events, with the heartbeat comment."""
-    return EventSourceResponse(
-        chunks,
-        ping=gateway.settings.streams.heartbeat_seconds,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
 
 
 @router.get(

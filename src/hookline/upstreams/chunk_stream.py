@@ -9,16 +9,14 @@ from typing import Any
 import orjson
 
 
-def is_error(chunk: Any) -> bool:
-    return isinstance(chunk, dict) and bool(chunk.get("error"))
-
-
 class ChunkStreamParser:
     """Turns the bytes of one SSE stream into its chunks, in order."""
 
     def __init__(self) -> None:
         self._tail = b""
-        self.done = False  # [DONE] came, or an error chunk (then the last one returned)
+        self.done = False  # [DONE] came, or an error chunk
+        # The error chunk that ended the stream; the chunks before it are returned as usual.
+        self.error: Any = None
 
     def feed(self, data: bytes) -> list[Any]:
         """The chunks completed by ``data`` (with the unfinished line before it)."""
@@ -55,7 +53,7 @@ class ChunkStreamParser:
             chunks = [orjson.loads(payload) for payload in payloads]
         if b'"error"' in joined:  # rare: an error chunk ends the stream
             for number, chunk in enumerate(chunks):
-                if is_error(chunk):
-                    self.done = True
-                    return chunks[: number + 1]
+                if isinstance(chunk, dict) and chunk.get("error"):
+                    self.done, self.error = True, chunk
+                    return chunks[:number]
         return chunks

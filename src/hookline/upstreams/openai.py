@@ -19,7 +19,7 @@ from hookline.httputil import parse_retry_after
 from hookline.jobs import Operation
 from hookline.upstreams.assembly import StreamAssembler
 from hookline.upstreams.base import DeltaSink, Upstream, UpstreamError
-from hookline.upstreams.chunk_stream import ChunkStreamParser, is_error
+from hookline.upstreams.chunk_stream import ChunkStreamParser
 
 PATHS = {
     Operation.CHAT_COMPLETIONS: "/chat/completions",
@@ -121,7 +121,7 @@ async def _read_stream(
     loop = asyncio.get_running_loop()
     yielded_at = 0.0
     async for data in response.content.iter_any():
-        _feed(assembler, parser.feed(data), parser.done)
+        assembler.feed(*parser.feed(data))
         if parser.done:
             break
         # Reads that arrived together are taken without suspending. Yield now and then (and
@@ -130,18 +130,12 @@ async def _read_stream(
         if loop.time() - yielded_at > _YIELD_SECONDS:
             await asyncio.sleep(0)
             yielded_at = loop.time()
-    if not parser.done:  # the stream ended without a last newline
-        _feed(assembler, parser.end(), parser.done)
+    if not parser.done:  # the stream ended: its last line may have had no newline
+        assembler.feed(*parser.end())
+    if parser.error is not None:  # after the text that came before it
+        raise UpstreamError.from_status(500, parser.error)
     if not parser.done and not assembler.finished:
         raise UpstreamError(
             "upstream_disconnected", "the upstream stream ended before it finished", retryable=True
         )
     return assembler.result()
-
-
-def _feed(assembler: StreamAssembler, items: list[Any], done: bool) -> None:
-    """Feed what was read; an error chunk ending it fails the attempt after the text before it."""
-    error = items.pop() if done and items and is_error(items[-1]) else None
-    assembler.feed(*items)
-    if error is not None:
-        raise UpstreamError.from_status(500, error)
