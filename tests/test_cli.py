@@ -399,7 +399,10 @@ def test_listen_forwards_signed_events_and_resumes(
     finally:
         server.stop()
     bodies = [Webhook(secret).verify(r.body, r.headers) for r in received]  # signed for real
-    assert [body["data"]["id"] for body in bodies] == [*first, later]  # nothing twice
+    forwarded = [body["data"]["id"] for body in bodies]
+    # The first two ran at once and may finish in either order; each is forwarded once, and the
+    # second run resumes with the later job only.
+    assert sorted(forwarded[:2]) == sorted(first) and forwarded[2:] == [later]  # nothing twice
     assert all(body["type"] == "job.succeeded" for body in bodies)
     assert bodies[0]["data"]["status"] == "succeeded"  # the job, as a real webhook carries it
     assert all(r.id.startswith("msg_listen_") for r in received)

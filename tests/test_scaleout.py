@@ -65,6 +65,26 @@ async def test_a_stream_follows_live_a_job_run_by_another_process(
     assert stream.messages[-1].event == "job.succeeded"
 
 
+async def test_a_worker_that_starts_after_a_stream_began_watching_streams_to_it_live(
+    postgres_url: str, upstream: ScriptedUpstream
+) -> None:
+    """A process that joins learns at once what the others' streams watch (it asks), rather than
+    at their next renewal, seconds later."""
+    text = "".join(f"w{i} " for i in range(20))
+    upstream.script("m", Reply(text=text, chunks=20, token_delay=0.03))
+    settings = _settings(postgres_url, upstream)
+    async with serve(settings, run_worker=False) as api:
+        job = (await api.client.post("/v1/jobs", json=CHAT)).json()
+        reading = asyncio.create_task(read_sse(api.client, f"/v1/jobs/{job['id']}/events"))
+        await asyncio.sleep(0.3)  # the stream watches the job before any worker runs
+        async for _ in _workers(settings, 1):
+            stream = await asyncio.wait_for(reading, 10)
+    deltas = [m.json() for m in stream.messages if m.event == "job.output.delta"]
+    assert "".join(d["data"]["text"] for d in deltas) == text
+    live = [d for d in deltas if d["seq"] is None]
+    assert len(live) >= 5, f"only {len(live)} of {len(deltas)} deltas came live"
+
+
 async def test_claims_long_polls_and_cancels_cross_processes_at_once(
     postgres_url: str, upstream: ScriptedUpstream
 ) -> None:

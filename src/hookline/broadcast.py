@@ -10,8 +10,9 @@ Each opens one dedicated connection that LISTENs on channel ``hookline`` and NOT
 - live messages (output text per upstream chunk, committed events) of the jobs and tenants that
   some other process watches, so a stream served by one process follows a job run by another
   token by token. A process announces what its streams watch (renewed every ``_RENEW_SECONDS``,
-  forgotten ``_WATCH_SECONDS`` after the last renewal), and the others forward only that; a job
-  newly watched gets its not-yet-written text at once.
+  forgotten ``_WATCH_SECONDS`` after the last renewal, and told at once to a process that joins
+  and asks), and the others forward only that; a job newly watched gets its not-yet-written text
+  at once.
 
 Whatever is queued while a NOTIFY is on its way goes out together in the next (several NOTIFYs
 when it would pass PostgreSQL's 8000-byte payload limit). NOTIFY is not durable and the connection
@@ -188,6 +189,9 @@ class Broadcast:
                     self._send_delta(delta)  # what the new watcher would otherwise wait for
         elif kind == "p":
             self.hub.poke(item[1])
+        elif kind == "q":  # a process joined: tell it what the streams here watch
+            for key in self.hub.watched_keys():
+                self._queue(["r", key])
 
     # --- the connection
 
@@ -209,6 +213,9 @@ class Broadcast:
                 if not first:
                     self._resync()
                 first = False
+                # What do the others' streams watch? Their renewals are seconds apart, and till
+                # then this process would forward them nothing of the jobs it runs.
+                self._queue(["q"])
                 await self._serve(connection)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("broadcast: connection lost (%s); reconnecting", exc)
