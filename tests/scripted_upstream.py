@@ -26,6 +26,7 @@ class Reply:
     chunks: int = 4  # how many pieces a streamed answer is cut into
     first_token_delay: float = 0.0
     token_delay: float = 0.0
+    burst: bool = False  # the whole stream in one write, as a fast server's bytes pile up
 
 
 @dataclasses.dataclass
@@ -156,13 +157,18 @@ class ScriptedUpstream:
                 headers=headers,
             )
         text = (step.text if isinstance(step, Reply) else None) or _echo(body, chat)
-        pieces = _split(text, step.chunks if isinstance(step, Reply) else 4)
+        pieces = split_text(text, step.chunks if isinstance(step, Reply) else 4)
         if not body.get("stream"):
             if isinstance(step, Reply) and step.first_token_delay:
                 await asyncio.sleep(step.first_token_delay)
             return web.json_response(_whole(body, text, chat))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if isinstance(step, Reply) and step.burst:
+            events = [_sse(_chunk(body, piece, chat, i == 0)) for i, piece in enumerate(pieces)]
+            events.append(_sse(_chunk(body, "", chat, False, finish="stop")))
+            await response.write(b"".join(events) + b"data: [DONE]\n\n")
+            return response
         for i, piece in enumerate(pieces):
             if isinstance(step, Drop) and i == step.after_chunks:
                 assert request.transport is not None
@@ -198,7 +204,7 @@ def _echo(body: dict[str, Any], chat: bool) -> str:
     return f"echo: {body.get('prompt', '')}"
 
 
-def _split(text: str, n: int) -> list[str]:
+def split_text(text: str, n: int) -> list[str]:
     n = max(1, min(n, len(text)))
     size = -(-len(text) // n)
     return [text[i : i + size] for i in range(0, len(text), size)]

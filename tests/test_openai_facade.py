@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.conftest import LiveGateway, gateway_settings, serve, wait_for_status
-from tests.scripted_upstream import Drop, Reply, ScriptedUpstream, Status
+from tests.scripted_upstream import Drop, Reply, ScriptedUpstream, Status, split_text
 from tests.sse import read_sse
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello facade"}]
@@ -71,6 +71,25 @@ async def test_raw_stream_ends_with_done_and_carries_the_job_id(
     assert all(m.event is None and m.id is None for m in stream.messages)  # OpenAI's plain format
     chunks = [json.loads(m.data) for m in stream.messages[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "abc def"
+
+
+async def test_a_burst_goes_out_first_token_first(
+    live: LiveGateway, upstream: ScriptedUpstream
+) -> None:
+    """A fast upstream's stream piles up while the job is accepted: its first events are relayed
+    before the rest of the burst is parsed, and nothing is lost or repeated."""
+    text = "".join(f"t{i} " for i in range(60))
+    upstream.script("echo-1", Reply(text=text, chunks=60, burst=True))
+    body = {"model": "echo-1", "messages": MESSAGES, "stream": True}
+    stream = await read_sse(live.client, "/v1/chat/completions", method="POST", json_body=body)
+    chunks = [json.loads(m.data) for m in stream.messages[:-1]]
+    texts = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    texts = [t for t in texts if t]
+    assert "".join(texts) == text
+    first, second = split_text(text, 60)[:2]
+    assert texts[0] in (first, first + second)  # read whole, the burst's first two events go first
+    job = (await live.client.get(f"/v1/jobs/{stream.headers['hookline-job-id']}")).json()
+    assert job["output"]["choices"][0]["message"]["content"] == text
 
 
 async def test_a_quiet_stream_gets_heartbeats_until_its_first_token(

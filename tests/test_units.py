@@ -21,6 +21,7 @@ from hookline.jobs import JobStatus, Operation, check_transition
 from hookline.queue import JobQueue
 from hookline.upstreams.assembly import StreamAssembler
 from hookline.upstreams.chunk_stream import ChunkStreamParser
+from hookline.upstreams.openai import _after_first_events
 
 
 def test_ids_are_prefixed_unique_and_increasing() -> None:
@@ -266,3 +267,11 @@ def test_reading_in_any_pieces_assembles_what_each_chunk_parsed_alone_does(
     assert got.result() == expected.result()
     for choice in got.result()["choices"]:
         assert "".join(deltas.get(choice["index"], [])) == (choice["message"]["content"] or "")
+
+
+def test_a_first_read_is_split_after_its_first_two_events_only_when_more_follow() -> None:
+    one, two, three = b'data: {"a":1}\n\n', b'data: {"b":2}\n\n', b"data: [DONE]\n\n"
+    assert _after_first_events(one + two + three) == len(one + two)
+    assert _after_first_events(one + two) == 0  # nothing after them: no split
+    assert _after_first_events(one + two[:5]) == 0  # the second is still arriving
+    assert _after_first_events(one.replace(b"\n", b"\r\n") * 3) == 0  # CRLF: read whole

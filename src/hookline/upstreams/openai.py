@@ -109,6 +109,22 @@ async def _read_error_body(response: aiohttp.ClientResponse) -> Any:
 
 
 _YIELD_SECONDS = 0.002
+# A first read that holds more events than this (a burst that piled up while the job was being
+# accepted, or a fast upstream) is split after them: their text goes to the streams watching the
+# job before the rest of the burst is parsed (~0.3 ms for 200 chunks). Two, as the first event is
+# often a role-only chunk.
+_FIRST_EVENTS = 2
+
+
+def _after_first_events(data: bytes) -> int:
+    """Where the first ``_FIRST_EVENTS`` events of ``data`` end, if more follow; else 0."""
+    end = 0
+    for _ in range(_FIRST_EVENTS):
+        blank = data.find(b"\n\n", end)
+        if blank < 0:
+            return 0
+        end = blank + 2
+    return end if end < len(data) else 0
 
 
 async def _read_stream(
@@ -120,7 +136,17 @@ async def _read_stream(
     parser = ChunkStreamParser()
     loop = asyncio.get_running_loop()
     yielded_at = 0.0
+    first = True
     async for data in response.content.iter_any():
+        if first:
+            first = False
+            cut = _after_first_events(data)
+            if cut:  # a burst: its first events are relayed before the rest is parsed
+                assembler.feed(*parser.feed(data[:cut]))
+                if parser.done:
+                    break
+                await asyncio.sleep(0)
+                data = data[cut:]
         assembler.feed(*parser.feed(data))
         if parser.done:
             break
