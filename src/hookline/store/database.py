@@ -301,6 +301,9 @@ class PostgresDatabase(Database):
             url,
             pool_size=20,
             max_overflow=0,
+            # The connection used last is used next: a few connections do the work, their
+            # prepared statements (asyncpg caches them per connection) stay warm.
+            pool_use_lifo=True,
             # No ping before each use: it was a round trip per transaction (-12% webhook messages/s).
             # A connection broken by a server restart fails its first use instead (a 503, or a
             # retried worker write), and SQLAlchemy then drops every pooled connection older than
