@@ -1,15 +1,17 @@
 """Streaming benchmark: what the OpenAI facade adds to a streamed completion, and what 1,000 SSE
 subscribers cost.
 
-    python -m bench.streams [--streams 300] [--subscribers 1000] [--rounds 3]
+    python -m bench.streams [--streams 300] [--spaced 100] [--subscribers 1000] [--rounds 3]
 
 A fast upstream (``bench.upstream``, its own process) streams 200 tokens at once. In the same run,
 interleaved, the client streams chat completions from it directly and through ``hookline serve``
 (its own process, SQLite, every call a durable job), at one stream at a time (c=1) and 100 at a
 time (c=100). Reported: time to first token (TTFT) and total stream time, p50/p99, direct and
 through hookline, the overhead between them, streams/s, and hookline's CPU per relayed chunk.
-Then 1,000 SSE subscribers watch one running job on the same process: its memory per subscriber,
-and whether every subscriber got the whole output.
+Then 100 streams at once from a model that sends a token every 50 ms, as real models do (each
+read carries one token): hookline's CPU per relayed token. Then 1,000 SSE subscribers watch one
+running job on the same process: its memory per subscriber, and whether every subscriber got the
+whole output.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -48,13 +51,13 @@ def rss_mib(pid: int) -> float:
 
 
 async def one_stream(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str]
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: dict[str, Any] = CHAT
 ) -> tuple[float, float, str]:
     """(TTFT s, total s, the content) of one streamed chat completion."""
     started = time.perf_counter()
     first: float | None = None
     content: list[str] = []
-    async with session.post(url, json=CHAT, headers=headers) as response:
+    async with session.post(url, json=body, headers=headers) as response:
         response.raise_for_status()
         async for line in response.content:
             if line.startswith(b"data: {") and b'"content"' in line:
@@ -90,6 +93,20 @@ async def run_streams(
         await asyncio.gather(*(runner() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     return ttfts, totals, n / elapsed
+
+
+async def spaced(url: str, headers: dict[str, str], pid: int, count: int) -> tuple[float, int]:
+    """``count`` streams at once from the upstream's "slow" model, a token every 50 ms as a real
+    model sends them (so each read carries one token, not a burst): hookline's CPU per relayed
+    token (µs), and how many streams got the whole output."""
+    body = {**CHAT, "model": "slow"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        cpu = cpu_seconds(pid)
+        streams = await asyncio.gather(
+            *(one_stream(session, url, headers, body) for _ in range(count))
+        )
+        used = cpu_seconds(pid) - cpu
+    return used / (count * TOKENS) * 1e6, sum(content == EXPECTED for *_, content in streams)
 
 
 def p(values: list[float], q: float) -> float:
@@ -149,6 +166,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=300, help="streams per c=100 run")
     parser.add_argument("--single", type=int, default=50, help="streams per c=1 run")
     parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument(
+        "--spaced", type=int, default=100, help="streams at once with a token every 50 ms"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     upstream_port, hookline_port = free_port(), free_port()
@@ -234,6 +254,11 @@ def report(
     )
     print(f"streams/s at c=100: {rate100:.1f} (LiteLLM, as reported: {LITELLM['streams_per_s_c100']:g}; "
           f"{rate100 / LITELLM['streams_per_s_c100']:.0f}x)")  # fmt: skip
+    if args.spaced:
+        per_token, complete = asyncio.run(spaced(via, auth, pid, args.spaced))
+        print(f"\n{args.spaced} streams at once, a token every 50 ms: hookline CPU per relayed "
+              f"token {per_token:.0f} µs (LiteLLM, as reported: {LITELLM['cpu_ms_per_chunk'] * 1000:.0f} µs "
+              f"per chunk); {complete} of {args.spaced} got the whole output")  # fmt: skip
     subs = asyncio.run(subscribers(base, auth, pid, args.subscribers))
     print(f"\n{args.subscribers} SSE subscribers on one running job, one process: RSS "
           f"{subs['rss_before_mib']:.0f} -> {subs['rss_during_mib']:.0f} MiB, "
