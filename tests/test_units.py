@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import itertools
 import json
@@ -18,6 +19,7 @@ from hookline.errors import Conflict, InvalidRequest
 from hookline.httputil import parse_retry_after
 from hookline.ids import has_prefix, new_id
 from hookline.jobs import JobStatus, Operation, check_transition
+from hookline.live import LiveDelta, LiveHub
 from hookline.queue import JobQueue
 from hookline.upstreams.assembly import StreamAssembler
 from hookline.upstreams.chunk_stream import ChunkStreamParser
@@ -275,3 +277,23 @@ def test_a_first_read_is_split_after_its_first_two_events_only_when_more_follow(
     assert _after_first_events(one + two) == 0  # nothing after them: no split
     assert _after_first_events(one + two[:5]) == 0  # the second is still arriving
     assert _after_first_events(one.replace(b"\n", b"\r\n") * 3) == 0  # CRLF: read whole
+
+
+async def test_a_subscription_waits_its_whole_timeout_and_wakes_at_a_message() -> None:
+    hub = LiveHub()
+    subscription = hub.watch_job("job_1")[0]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert not await subscription.wait(0.05)  # nothing came
+    assert loop.time() - started >= 0.05
+    # A message ends a wait at once...
+    loop.call_later(0.01, subscription.put, LiveDelta("job_1", "t", 1, 0, 0, "hi"))
+    started = loop.time()
+    assert await subscription.wait(0.1)
+    assert loop.time() - started < 0.1
+    assert [m.text for m in subscription.drain() if isinstance(m, LiveDelta)] == ["hi"]
+    # ... and the next, longer wait is not cut short by the timer that one left behind.
+    started = loop.time()
+    assert not await subscription.wait(0.3)
+    assert loop.time() - started >= 0.3
+    subscription.close()

@@ -135,9 +135,17 @@ async def _read_stream(
     assembler = StreamAssembler(operation, on_delta)
     parser = ChunkStreamParser()
     loop = asyncio.get_running_loop()
+    content = response.content
     yielded_at = 0.0
     first = True
-    async for data in response.content.iter_any():
+    while True:
+        data = content.read_nowait()  # what has arrived, without waiting
+        if not data:
+            data = await content.readany()  # waits for more: the other tasks run meanwhile
+            if not data:
+                break  # the end of the stream
+            if not first:  # (after the first read the relay always gets a turn, below)
+                yielded_at = loop.time()
         if first:
             first = False
             cut = _after_first_events(data)
@@ -151,8 +159,9 @@ async def _read_stream(
         if parser.done:
             break
         # Reads that arrived together are taken without suspending. Yield now and then (and
-        # right after the first), so the streams watching this job send the first token at
-        # once and a long burst is relayed as it is read, not after it.
+        # right after the first), so the streams watching this job send the first token at once
+        # and a long burst is relayed as it is read, not after it; a read that had to wait for
+        # its bytes has just yielded.
         if loop.time() - yielded_at > _YIELD_SECONDS:
             await asyncio.sleep(0)
             yielded_at = loop.time()
