@@ -292,8 +292,15 @@ async def test_a_subscription_waits_its_whole_timeout_and_wakes_at_a_message() -
     assert await subscription.wait(0.1)
     assert loop.time() - started < 0.1
     assert [m.text for m in subscription.drain() if isinstance(m, LiveDelta)] == ["hi"]
-    # ... and the next, longer wait is not cut short by the timer that one left behind.
+    # ... and the next, longer wait is not cut short by the timer that one left behind,
     started = loop.time()
     assert not await subscription.wait(0.3)
     assert loop.time() - started >= 0.3
+    # nor is a shorter wait made to wait for the timer of a longer one before it.
+    loop.call_later(0.01, subscription.put, LiveDelta("job_1", "t", 1, 0, 2, "!"))
+    assert await subscription.wait(30)
+    subscription.drain()
+    started = loop.time()
+    assert not await subscription.wait(0.05)
+    assert loop.time() - started < 1
     subscription.close()
