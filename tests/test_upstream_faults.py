@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 from tests.conftest import LiveGateway, gateway_settings, serve, wait_for_status
-from tests.scripted_upstream import (
-    Drop,
-    ErrorChunk,
-    Hang,
-    Reply,
-    ScriptedUpstream,
-    Status,
-    free_port,
-)
+from tests.scripted_upstream import Drop, ErrorChunk, Hang, Reply, ScriptedUpstream, Status
 
 
 def chat(model: str, **extra: Any) -> dict[str, Any]:
@@ -145,11 +138,15 @@ async def test_persistent_5xx_fails_after_max_attempts(
 
 
 async def test_unreachable_upstream_is_retried_then_fails(database_url: str) -> None:
-    dead = f"http://127.0.0.1:{free_port()}/v1"
-    async with gateway(database_url, dead, jobs={"max_attempts": 2}) as live:
-        job = (await live.client.post("/v1/jobs", json=chat("any"))).json()
-        done = await wait_for_status(live.client, job["id"], {"failed"})
-        assert done["attempts"] == 2 and done["error"]["type"] == "upstream_unreachable"
+    # A port held bound but not listening refuses connections, and no server started during the
+    # test (the gateway's own binds port 0) can be given it, as a port merely found free could.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{held.getsockname()[1]}/v1"
+        async with gateway(database_url, dead, jobs={"max_attempts": 2}) as live:
+            job = (await live.client.post("/v1/jobs", json=chat("any"))).json()
+            done = await wait_for_status(live.client, job["id"], {"failed"})
+            assert done["attempts"] == 2 and done["error"]["type"] == "upstream_unreachable"
 
 
 async def test_ttl_passing_before_start_expires_the_job(
