@@ -568,6 +568,52 @@ async def test_claimed_messages_whose_lease_is_nearly_out_are_left_for_a_later_c
         await store.close()
 
 
+async def test_claims_at_once_share_the_room_instead_of_each_claiming_all_of_it(
+    database_url: str, receiver: WebhookReceiver
+) -> None:
+    """Two claims in flight at once (the claim loop's and a recording's) must not both claim the
+    room: the second would lease messages this process has no room for, only to give them back."""
+    from hookline.config import WebhooksConfig
+    from hookline.events import Event, EventType
+    from hookline.notify import Notifier
+    from hookline.sender import WebhookSender
+    from hookline.store.outbox import enqueue_deliveries
+
+    clock = ManualClock(start_ms=1_900_000_000_000)
+    store = await open_store(database_url, migrate=False)
+    try:
+        now = clock.now_ms()
+        events = [
+            (Event(0, f"job_{i}", "acme", 1, EventType.SUCCEEDED, {}, now), None,
+             {"url": receiver.url("/room"), "events": ["job.succeeded"]})
+            for i in range(12)
+        ]  # fmt: skip
+        await store.database.write(lambda conn: enqueue_deliveries(conn, events, now))
+        config = WebhooksConfig(allowed_networks=["127.0.0.0/8"], max_in_flight=2)
+        sender = WebhookSender(store.webhooks, config, clock, Notifier())
+        capacity = 2 * config.max_in_flight
+        gate, asked = asyncio.Event(), asyncio.Queue[int]()
+        claim_due = store.webhooks.claim_due
+
+        async def gated_claim_due(*args: Any) -> Any:
+            asked.put_nowait(args[1])  # the limit
+            await gate.wait()
+            return await claim_due(*args)
+
+        store.webhooks.claim_due = gated_claim_due  # type: ignore[method-assign,assignment]
+        await sender.start()  # its loop claims first...
+        async with asyncio.timeout(5):
+            assert await asked.get() == capacity
+            second = asyncio.create_task(sender._claim())  # ...and this claim runs meanwhile
+            assert await asked.get() == 0
+        gate.set()
+        assert await second == (0, 0)
+        await receiver.wait_for("/room", len(events))
+        await sender.stop()
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("enqueued", ["after the late send", "while it is being sent"])
 async def test_the_next_output_delta_message_waits_an_interval_after_a_late_send(
     database_url: str, enqueued: str

@@ -134,6 +134,9 @@ class WebhookSender:
         self._ready_count = 0
         self._posting: Counter[str] = Counter()  # POSTs in progress, by destination
         self._recording = 0  # sent, the outcome not yet committed (the lease is still ours)
+        # Room promised to claims in flight: a claim and a recording's claim running at once
+        # would otherwise both claim the same room, and the surplus went back to the store.
+        self._claiming = 0
         self._buckets: dict[str, TokenBucket] = {}
         self._senders: set[asyncio.Task[None]] = set()
         self._rate_timer: asyncio.TimerHandle | None = None
@@ -214,7 +217,7 @@ class WebhookSender:
 
     def _room(self, finishing: int = 0) -> int:
         held = sum(self._posting.values()) + self._ready_count + self._recording - finishing
-        return self._capacity - held
+        return self._capacity - held - self._claiming
 
     def _idle(self) -> bool:
         return self._ready_count == 0 and not self._posting and self._recording == 0
@@ -235,9 +238,14 @@ class WebhookSender:
     async def _claim(self) -> tuple[int, int]:
         """Claim due messages into the ready set: (how many came, how many were asked for)."""
         claim = self._claim_request(self._room())
-        batch = await self.store.claim_due(
-            claim.now, claim.limit, claim.lease_token, claim.lease_expires_at, claim.busy
-        )
+        self._claiming += claim.limit
+        try:
+            batch = await self.store.claim_due(
+                claim.now, claim.limit, claim.lease_token, claim.lease_expires_at, claim.busy
+            )
+            await self._learn_rates(batch)
+        finally:
+            self._claiming -= claim.limit
         await self._make_ready(batch)
         return len(batch), claim.limit
 
@@ -247,22 +255,30 @@ class WebhookSender:
         claim = None
         if not self._stopping and (room >= self._claim_batch or room == self._capacity):
             claim = self._claim_request(room)
+        reserved = claim.limit if claim is not None else 0
+        self._claiming += reserved
         try:
             held, batch = await self.store.record_attempts(results, claim)
+            await self._learn_rates(batch)
         finally:
             self._recording -= len(results)
+            self._claiming -= reserved
         if claim is not None:
             await self._make_ready(batch)
         if self._room() >= self._claim_batch:
             self._wake.set()
         return held
 
-    async def _make_ready(self, batch: list[Delivery]) -> None:
-        """Queue claimed messages by destination (learning endpoints' rate limits) and start
-        send loops for them; a destination's messages beyond twice its limit go back."""
-        for delivery in batch:  # first, as it may wait for the store: what follows must not
+    async def _learn_rates(self, batch: list[Delivery]) -> None:
+        """The rate limits of the claimed messages' endpoints (cached; may read the store)."""
+        for delivery in batch:
             if delivery.endpoint_id is not None:
                 await self._learn_rate(delivery, destination(delivery))
+
+    async def _make_ready(self, batch: list[Delivery]) -> None:
+        """Queue claimed messages by destination (their rates learnt already: nothing before the
+        release below waits) and start send loops for them; a destination's messages beyond
+        twice its limit go back."""
         keep_limit = 2 * self.config.max_in_flight_per_endpoint
         extra: list[Delivery] = []
         for delivery in batch:
