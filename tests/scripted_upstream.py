@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import random
 import socket
 import threading
 import time
@@ -286,8 +287,25 @@ class Threaded(Generic[ServerT]):
         self._loop.close()
 
 
+# Ports for processes started later (gateways, a private PostgreSQL) come from below the
+# kernel's ephemeral range (32768-60999 by default), from which every bind to port 0 and every
+# outgoing connection takes its port: a port found free there and let go could be handed to a
+# server in this process binding port 0 before the child binds it (a suite run saw it once).
+_OWN_PORTS = range(20_000, 32_768)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A loopback port that is free now, never the same one twice in this process."""
+    for _ in range(200):
+        port = random.choice(_OWN_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # taken (a service of this machine, say)
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError("no free port found below the ephemeral range")
