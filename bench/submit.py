@@ -40,11 +40,11 @@ BODY = {
 
 
 def free_port() -> int:
-    import socket
+    """A port for a process started later, from below the kernel's ephemeral range (see the
+    test suite's helper): one found by binding port 0 could be taken meanwhile."""
+    from tests.scripted_upstream import free_port as below_ephemeral_range
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return below_ephemeral_range()
 
 
 def wait_ready(url: str, timeout: float = 30) -> None:
