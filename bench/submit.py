@@ -28,6 +28,10 @@ from pathlib import Path
 import asyncpg
 import httpx
 
+# Ports for the processes a benchmark starts, taken as the test suite takes them: from below the
+# kernel's ephemeral range (a port found by binding port 0 could be taken meanwhile).
+from tests.scripted_upstream import free_port as free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BODY = {
     "operation": "chat.completions",
@@ -37,14 +41,6 @@ BODY = {
         "max_tokens": 64,
     },
 }
-
-
-def free_port() -> int:
-    """A port for a process started later, from below the kernel's ephemeral range (see the
-    test suite's helper): one found by binding port 0 could be taken meanwhile."""
-    from tests.scripted_upstream import free_port as below_ephemeral_range
-
-    return below_ephemeral_range()
 
 
 def wait_ready(url: str, timeout: float = 30) -> None:

@@ -528,27 +528,33 @@ async def test_a_jobs_messages_go_in_event_order_whatever_the_writers_clocks(
         await store.close()
 
 
+async def _enqueue_succeeded(store: Any, urls: list[str], now: int) -> None:
+    """One job.succeeded message per URL, each for a job of its own, written to the outbox."""
+    from hookline.events import Event, EventType
+    from hookline.store.outbox import enqueue_deliveries
+
+    events = [
+        (Event(0, f"job_{i}", "acme", 1, EventType.SUCCEEDED, {}, now), None,
+         {"url": url, "events": ["job.succeeded"]})
+        for i, url in enumerate(urls)
+    ]  # fmt: skip
+    await store.database.write(lambda conn: enqueue_deliveries(conn, events, now))
+
+
 async def test_claimed_messages_whose_lease_is_nearly_out_are_left_for_a_later_claim(
     database_url: str, receiver: WebhookReceiver
 ) -> None:
     """The sender's ready set never starts a POST that could outlive its message's lease (another
     process might take the message meanwhile); such messages wait for the lease to lapse."""
     from hookline.config import WebhooksConfig
-    from hookline.events import Event, EventType
     from hookline.notify import Notifier
     from hookline.sender import WebhookSender
-    from hookline.store.outbox import enqueue_deliveries
 
     clock = ManualClock(start_ms=1_900_000_000_000)
     store = await open_store(database_url, migrate=False)
     try:
         now = clock.now_ms()
-        events = [
-            (Event(0, f"job_{i}", "acme", 1, EventType.SUCCEEDED, {}, now), None,
-             {"url": receiver.url(f"/d{i % 2}"), "events": ["job.succeeded"]})
-            for i in range(4)
-        ]  # fmt: skip
-        await store.database.write(lambda conn: enqueue_deliveries(conn, events, now))
+        await _enqueue_succeeded(store, [receiver.url(f"/d{i % 2}") for i in range(4)], now)
         config = WebhooksConfig(allowed_networks=["127.0.0.0/8"], timeout_seconds=15)
         sender = WebhookSender(store.webhooks, config, clock, Notifier())
         # Claimed with a lease shorter than a send may take: nothing is sent.
@@ -574,21 +580,14 @@ async def test_claims_at_once_share_the_room_instead_of_each_claiming_all_of_it(
     """Two claims in flight at once (the claim loop's and a recording's) must not both claim the
     room: the second would lease messages this process has no room for, only to give them back."""
     from hookline.config import WebhooksConfig
-    from hookline.events import Event, EventType
     from hookline.notify import Notifier
     from hookline.sender import WebhookSender
-    from hookline.store.outbox import enqueue_deliveries
 
     clock = ManualClock(start_ms=1_900_000_000_000)
     store = await open_store(database_url, migrate=False)
     try:
-        now = clock.now_ms()
-        events = [
-            (Event(0, f"job_{i}", "acme", 1, EventType.SUCCEEDED, {}, now), None,
-             {"url": receiver.url("/room"), "events": ["job.succeeded"]})
-            for i in range(12)
-        ]  # fmt: skip
-        await store.database.write(lambda conn: enqueue_deliveries(conn, events, now))
+        messages = 12
+        await _enqueue_succeeded(store, [receiver.url("/room")] * messages, clock.now_ms())
         config = WebhooksConfig(allowed_networks=["127.0.0.0/8"], max_in_flight=2)
         sender = WebhookSender(store.webhooks, config, clock, Notifier())
         capacity = 2 * config.max_in_flight
@@ -608,7 +607,7 @@ async def test_claims_at_once_share_the_room_instead_of_each_claiming_all_of_it(
             assert await asked.get() == 0
         gate.set()
         assert await second == (0, 0)
-        await receiver.wait_for("/room", len(events))
+        await receiver.wait_for("/room", messages)
         await sender.stop()
     finally:
         await store.close()

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Generic, TypeVar
 
 import aiohttp
@@ -238,14 +238,11 @@ class WebhookSender:
     async def _claim(self) -> tuple[int, int]:
         """Claim due messages into the ready set: (how many came, how many were asked for)."""
         claim = self._claim_request(self._room())
-        self._claiming += claim.limit
-        try:
+        with self._promised(claim.limit):
             batch = await self.store.claim_due(
                 claim.now, claim.limit, claim.lease_token, claim.lease_expires_at, claim.busy
             )
             await self._learn_rates(batch)
-        finally:
-            self._claiming -= claim.limit
         await self._make_ready(batch)
         return len(batch), claim.limit
 
@@ -255,19 +252,26 @@ class WebhookSender:
         claim = None
         if not self._stopping and (room >= self._claim_batch or room == self._capacity):
             claim = self._claim_request(room)
-        reserved = claim.limit if claim is not None else 0
-        self._claiming += reserved
         try:
-            held, batch = await self.store.record_attempts(results, claim)
-            await self._learn_rates(batch)
+            with self._promised(claim.limit if claim is not None else 0):
+                held, batch = await self.store.record_attempts(results, claim)
+                await self._learn_rates(batch)
         finally:
             self._recording -= len(results)
-            self._claiming -= reserved
         if claim is not None:
             await self._make_ready(batch)
         if self._room() >= self._claim_batch:
             self._wake.set()
         return held
+
+    @contextlib.contextmanager
+    def _promised(self, room: int) -> Iterator[None]:
+        """``room`` promised to a claim until its messages are in the ready set (or it failed)."""
+        self._claiming += room
+        try:
+            yield
+        finally:
+            self._claiming -= room
 
     async def _learn_rates(self, batch: list[Delivery]) -> None:
         """The rate limits of the claimed messages' endpoints (cached; may read the store)."""
