@@ -259,6 +259,8 @@ def report(
         print(f"\n{args.spaced} streams at once, a token every 50 ms: hookline CPU per relayed "
               f"token {per_token:.0f} µs (LiteLLM, as reported: {LITELLM['cpu_ms_per_chunk'] * 1000:.0f} µs "
               f"per chunk); {complete} of {args.spaced} got the whole output")  # fmt: skip
+    if not args.subscribers:
+        return
     subs = asyncio.run(subscribers(base, auth, pid, args.subscribers))
     print(f"\n{args.subscribers} SSE subscribers on one running job, one process: RSS "
           f"{subs['rss_before_mib']:.0f} -> {subs['rss_during_mib']:.0f} MiB, "
