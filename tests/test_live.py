@@ -3,6 +3,7 @@ durable writes, late joins and disconnects (property-based)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import pytest
@@ -10,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hookline.events import Event, EventType
+from hookline.jobs import Job, JobStatus, Operation
 from hookline.live import BadResumeToken, LiveDelta, LiveHub, StreamCursor
+from hookline.worker import RunningJob
 
 JOB = "job_1"
 
@@ -158,3 +161,43 @@ def test_a_slow_watcher_is_cut_off_from_live_messages_not_left_to_grow() -> None
     assert len(subscription.drain()) <= 10_000
     subscription.close()
     assert not hub.watching(JOB)
+
+
+async def test_text_held_during_an_accept_is_shown_exactly_when_a_flush_comes_first() -> None:
+    """A job started while its accept commits holds its text until the commit; the output flush
+    can run between the commit and the showing of the held text. The watcher still gets exactly
+    the output: the flushed part as its durable event, the rest live at its true offset."""
+    hub = LiveHub()
+    producer = Producer(hub)
+    producer.event(EventType.QUEUED, {})
+    producer.event(EventType.STARTED, {"attempt": 1})
+    job = dataclasses.replace(_job(), attempts=1)
+    accepted = asyncio.get_running_loop().create_future()
+    running = RunningJob(job, "lease_1", hub, accepted=accepted)
+    watcher = Watcher()
+    cursor, subscription = watcher.connect(hub, producer.log)
+    running.add_delta(0, "Hel")
+    accepted.set_result(True)  # committed; the worker's callback that shows held text runs later
+    flushing = running.take_deltas()  # the flush loop's turn came first; its commit comes later
+    running.add_delta(0, "lo")
+    running.publish_held()
+    watcher.read(cursor, subscription.drain(), producer.log)  # type: ignore[attr-defined]
+    for new in flushing:
+        producer.event(new.type, new.data)
+    watcher.read(cursor, subscription.drain(), producer.log)  # type: ignore[attr-defined]
+    for new in running.take_deltas():  # the job's last write
+        producer.event(new.type, new.data)
+    producer.event(EventType.SUCCEEDED, {"attempt": 1})
+    watcher.read(cursor, subscription.drain(), producer.log)  # type: ignore[attr-defined]
+    assert watcher.done
+    assert "".join(watcher.texts) == "Hello"
+
+
+def _job() -> Job:
+    return Job(
+        id=JOB, tenant="t", status=JobStatus.RUNNING, operation=Operation.CHAT_COMPLETIONS,
+        model="m", upstream="u", input={}, output=None, error=None, metadata={}, priority=0,
+        attempts=1, max_attempts=3, idempotency_key=None, request_hash=None, created_at=0,
+        updated_at=0, started_at=0, finished_at=None, expires_at=None, run_after=0,
+        lease_token="lease_1", lease_expires_at=None, event_seq=2,
+    )  # fmt: skip

@@ -71,11 +71,14 @@ class RunningJob:
             )
 
     def publish_held(self) -> None:
-        """The accept committed: show the text produced meanwhile (nothing is flushed yet)."""
+        """The accept committed: show the text produced meanwhile. A flush may have come between
+        the commit and this call (the job counts as on disk from the commit): its text goes to the
+        watchers as its durable event, so what is held starts where that flush ended."""
         job = self.job
         for index, parts in sorted(self.pending.items()):
             if parts:
-                delta = LiveDelta(job.id, job.tenant, job.attempts, index, 0, "".join(parts))
+                offset = self.flushed.get(index, 0)
+                delta = LiveDelta(job.id, job.tenant, job.attempts, index, offset, "".join(parts))
                 self.live.publish_delta(delta)
 
     def take_deltas(self) -> list[NewEvent]:
