@@ -9,6 +9,9 @@ from typing import Any
 import openai
 import pytest
 
+from hookline.config import UpstreamConfig
+from hookline.jobs import Operation
+from hookline.upstreams.openai import OpenAIUpstream
 from tests.conftest import LiveGateway, gateway_settings, serve, wait_for_status
 from tests.scripted_upstream import Drop, Reply, ScriptedUpstream, Status, split_text
 from tests.sse import read_sse
@@ -90,6 +93,43 @@ async def test_a_burst_goes_out_first_token_first(
     assert texts[0] in (first, first + second)  # read whole, the burst's first two events go first
     job = (await live.client.get(f"/v1/jobs/{stream.headers['hookline-job-id']}")).json()
     assert job["output"]["choices"][0]["message"]["content"] == text
+
+
+async def test_a_burst_held_for_its_accept_is_read_only_to_its_first_events_until_released(
+    upstream: ScriptedUpstream,
+) -> None:
+    """While a job's accept commits nobody can see its text: the upstream reader takes only the
+    burst's first events (ready to show at once), and the rest once the accept is through, so
+    under load the held bursts do not compete with the accepts that release them."""
+    text = "".join(f"t{i} " for i in range(60))
+    upstream.script("echo-1", Reply(text=text, chunks=60, burst=True))
+    config = UpstreamConfig(name="scripted", type="openai", base_url=upstream.base_url)
+    client = OpenAIUpstream(config)
+    held = asyncio.get_running_loop().create_future()
+    seen: list[str] = []
+    some_seen = asyncio.Event()
+
+    def on_delta(index: int, piece: str) -> None:
+        seen.append(piece)
+        some_seen.set()
+
+    body = {"model": "echo-1", "messages": MESSAGES}
+    call = asyncio.create_task(
+        client.run(Operation.CHAT_COMPLETIONS, body, on_delta, held_until=held)
+    )
+    try:
+        await asyncio.wait_for(some_seen.wait(), 10)
+        await asyncio.sleep(0.2)  # time enough to read the whole burst, were it not held
+        first, second = split_text(text, 60)[:2]
+        assert "".join(seen) in (first, first + second)
+        assert not call.done()
+        held.set_result(True)
+        output = await call
+    finally:
+        call.cancel()
+        await client.close()
+    assert "".join(seen) == text
+    assert output["choices"][0]["message"]["content"] == text
 
 
 async def test_a_quiet_stream_gets_heartbeats_until_its_first_token(

@@ -354,7 +354,9 @@ class Worker:
             return
         body = {**job.input, "model": job.model}
         try:
-            output = await upstream.run(job.operation, body, running.add_delta)
+            output = await upstream.run(
+                job.operation, body, running.add_delta, held_until=running.accepted
+            )
         except UpstreamError as exc:
             if not await _written(running):
                 return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -72,9 +73,18 @@ class Upstream(abc.ABC):
 
     @abc.abstractmethod
     async def run(
-        self, operation: Operation, body: dict[str, Any], on_delta: DeltaSink
+        self,
+        operation: Operation,
+        body: dict[str, Any],
+        on_delta: DeltaSink,
+        *,
+        held_until: asyncio.Future[Any] | None = None,
     ) -> dict[str, Any]:
         """Perform one attempt and return the output as the OpenAI API shapes it.
+
+        ``held_until``: while this future is pending nobody can see the text (the job's accept is
+        still committing), so an upstream that reads bursts may take only the start of the answer
+        until then; the rest would only compete with that commit for the event loop.
 
         Raises :class:`UpstreamError`. Cancelling the calling task aborts the upstream call.
         """

@@ -70,7 +70,12 @@ class LlamaUpstream(Upstream):
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def run(
-        self, operation: Operation, body: dict[str, Any], on_delta: DeltaSink
+        self,
+        operation: Operation,
+        body: dict[str, Any],
+        on_delta: DeltaSink,
+        *,
+        held_until: asyncio.Future[Any] | None = None,  # chunks come one at a time: no bursts
     ) -> dict[str, Any]:
         if operation is Operation.EMBEDDINGS:
             raise UpstreamError(

@@ -57,7 +57,12 @@ class OpenAIUpstream(Upstream):
             self._session = None
 
     async def run(
-        self, operation: Operation, body: dict[str, Any], on_delta: DeltaSink
+        self,
+        operation: Operation,
+        body: dict[str, Any],
+        on_delta: DeltaSink,
+        *,
+        held_until: asyncio.Future[Any] | None = None,
     ) -> dict[str, Any]:
         await self.start()
         assert self._session is not None
@@ -77,7 +82,7 @@ class OpenAIUpstream(Upstream):
                         parse_retry_after(response.headers.get("Retry-After")),
                     )
                 if stream and response.content_type == "text/event-stream":
-                    return await _read_stream(response, operation, on_delta)
+                    return await _read_stream(response, operation, on_delta, held_until)
                 result: dict[str, Any] = orjson.loads(await response.read())
                 return result
         except UpstreamError:
@@ -128,10 +133,17 @@ def _after_first_events(data: bytes) -> int:
 
 
 async def _read_stream(
-    response: aiohttp.ClientResponse, operation: Operation, on_delta: DeltaSink
+    response: aiohttp.ClientResponse,
+    operation: Operation,
+    on_delta: DeltaSink,
+    held_until: asyncio.Future[Any] | None,
 ) -> dict[str, Any]:
     """Read the SSE stream a read at a time (whatever bytes have arrived), not a line at a time:
-    the chunks of one read are parsed together and their text reported as one delta."""
+    the chunks of one read are parsed together and their text reported as one delta.
+
+    While ``held_until`` is pending, only the first events are taken: under load (a hundred
+    streams accepted together) parsing the rest of every held burst kept the event loop from
+    committing their accepts, and so from showing anyone a first token."""
     assembler = StreamAssembler(operation, on_delta)
     parser = ChunkStreamParser()
     loop = asyncio.get_running_loop()
@@ -153,8 +165,11 @@ async def _read_stream(
                 assembler.feed(*parser.feed(data[:cut]))
                 if parser.done:
                     break
-                await asyncio.sleep(0)
                 data = data[cut:]
+                if held_until is None or held_until.done():
+                    await asyncio.sleep(0)
+            if held_until is not None and not held_until.done():
+                await asyncio.shield(held_until)  # (not ours to cancel)
         assembler.feed(*parser.feed(data))
         if parser.done:
             break
