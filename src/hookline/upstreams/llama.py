@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,45 @@ def bundled_model_path() -> Path:
     return found[0]
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_tile" in cpuinfo
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _weights_repacked(repack: bool) -> Iterator[None]:
+    """Models loaded inside get llama.cpp's ``use_extra_bufts`` (weights repacked for the CPU's
+    wide instructions) set to ``repack``. On CPUs with AMX, a build of llama.cpp for the machine
+    it runs on puts the weights in AMX buffers, and its AMX matrix multiply crashes the process on
+    some of them (ggml-org/llama.cpp#20824: the tile permission is requested for one thread
+    only); without repacking the model runs on the plain AVX kernels. llama-cpp-python's ``Llama``
+    has no argument for it, so its default model parameters are wrapped while it loads."""
+    import llama_cpp.llama_cpp as bindings
+
+    if repack:
+        yield
+        return
+    with _PARAMS_LOCK:
+        defaults = bindings.llama_model_default_params
+
+        def without_repacking() -> Any:
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        bindings.llama_model_default_params = without_repacking
+        try:
+            yield
+        finally:
+            bindings.llama_model_default_params = defaults
+
+
 class LlamaUpstream(Upstream):
     def __init__(self, config: UpstreamConfig) -> None:
         super().__init__(config)
@@ -61,7 +101,8 @@ class LlamaUpstream(Upstream):
         from llama_cpp import Llama
 
         path = Path(self.config.model_path) if self.config.model_path else bundled_model_path()
-        return Llama(model_path=str(path), n_ctx=self.config.context_size, verbose=False)
+        with _weights_repacked(not _cpu_has_amx()):
+            return Llama(model_path=str(path), n_ctx=self.config.context_size, verbose=False)
 
     async def close(self) -> None:
         model, self._model = self._model, None
