@@ -47,8 +47,14 @@ def chunk(content: str | None = None, *, role: str | None = None, finish: str | 
         "object": "chat.completion.chunk",
         "created": 1,
         "model": "m",
-        "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
     }
+
+
+def _without_logprobs(c: dict[str, Any]) -> dict[str, Any]:
+    """A chunk as some servers send it, with one key fewer in its choice."""
+    choice = {k: v for k, v in c["choices"][0].items() if k != "logprobs"}
+    return {**c, "choices": [choice]}
 
 
 @given(st.lists(st.text(min_size=1, max_size=5), min_size=1, max_size=30))
@@ -231,6 +237,8 @@ def _with_delta(c: dict[str, Any], **after_the_text: str) -> dict[str, Any]:
 _texts = st.text(alphabet=st.sampled_from('ab "\\/\n\t\u00e9\u2603{}:,'), max_size=6)
 _chat_chunks = st.one_of(
     _texts.map(lambda t: chunk(t)),
+    _texts.map(lambda t: _without_logprobs(chunk(t))),
+    _texts.map(lambda t: {**chunk(t), "model": None}),  # a header value left out
     _texts.map(lambda t: chunk(t, index=1)),
     _texts.map(lambda t: chunk(t, role="assistant")),
     _texts.map(lambda t: {**chunk(t), "created": 2}),

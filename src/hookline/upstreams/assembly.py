@@ -28,8 +28,37 @@ class StreamAssembler:
     def feed(self, *chunks: dict[str, Any]) -> None:
         """Take chunks that arrived together: their text goes to ``on_delta`` once per choice
         (a burst of a fast upstream is one live delta, not hundreds)."""
+        if not chunks:
+            return
+        header = self.header
+        for key in _HEADER_KEYS:  # the last value given wins: looked up from the end, once
+            for chunk in reversed(chunks):
+                value = chunk.get(key)
+                if value is not None:
+                    header[key] = value
+                    break
+        choices = self.choices
         for chunk in chunks:
-            self._take(chunk)
+            usage = chunk.get("usage")
+            if usage:
+                self.usage = usage
+            for choice in chunk.get("choices") or ():
+                # The common chunk, a piece of one choice's text and nothing else, goes short.
+                if (
+                    self._chat
+                    and len(choice) == 4
+                    and choice.get("finish_reason") is None
+                    and choice.get("logprobs") is None
+                ):
+                    delta = choice.get("delta")
+                    state = choices.get(choice.get("index"))
+                    if state is not None and delta is not None and len(delta) == 1:
+                        content = delta.get("content")
+                        if content is not None:
+                            if content:
+                                state["text"].append(content)
+                            continue
+                self._take_choice(choice)
         for index, state in self.choices.items():
             parts = state["text"]
             sent = self._sent.get(index, 0)
@@ -37,34 +66,24 @@ class StreamAssembler:
                 self._sent[index] = len(parts)
                 self.on_delta(index, "".join(parts[sent:]))
 
-    def _take(self, chunk: dict[str, Any]) -> None:
-        # Every chunk is taken apart here, so this stays lean: one lookup per key.
-        header = self.header
-        for key in _HEADER_KEYS:
-            value = chunk.get(key)
-            if value is not None:
-                header[key] = value
-        usage = chunk.get("usage")
-        if usage:
-            self.usage = usage
-        for choice in chunk.get("choices") or ():
-            index = int(choice.get("index", 0))
-            state = self.choices.get(index)
-            if state is None:
-                state = self.choices[index] = {"index": index, "text": [], "tools": {}}
-            if self._chat:
-                self._feed_chat(state, choice)
-            else:
-                text = choice.get("text")
-                if text:
-                    state["text"].append(text)
-            logprobs = choice.get("logprobs")
-            if logprobs is not None:
-                state.setdefault("logprobs", []).append(logprobs)
-            finish_reason = choice.get("finish_reason")
-            if finish_reason:
-                state["finish_reason"] = finish_reason
-                self.finished = True
+    def _take_choice(self, choice: dict[str, Any]) -> None:
+        index = int(choice.get("index", 0))
+        state = self.choices.get(index)
+        if state is None:
+            state = self.choices[index] = {"index": index, "text": [], "tools": {}}
+        if self._chat:
+            self._feed_chat(state, choice)
+        else:
+            text = choice.get("text")
+            if text:
+                state["text"].append(text)
+        logprobs = choice.get("logprobs")
+        if logprobs is not None:
+            state.setdefault("logprobs", []).append(logprobs)
+        finish_reason = choice.get("finish_reason")
+        if finish_reason:
+            state["finish_reason"] = finish_reason
+            self.finished = True
 
     def _feed_chat(self, state: dict[str, Any], choice: dict[str, Any]) -> None:
         delta = choice.get("delta")
