@@ -30,18 +30,27 @@ def order_key(endpoint_id: str | None, url: str, job_id: str | None) -> str:
     return f"{destination}|{job_id or ''}"
 
 
-_ENDPOINTS_OF_TENANTS = sa.select(
+_ENDPOINTS = sa.select(
     webhook_endpoints.c.id,
     webhook_endpoints.c.tenant,
     webhook_endpoints.c.url,
     webhook_endpoints.c.events,
-).where(webhook_endpoints.c.tenant.in_(sa.bindparam("tenants", expanding=True)))
+)
+_ENDPOINTS_OF_TENANTS = _ENDPOINTS.where(
+    webhook_endpoints.c.tenant.in_(sa.bindparam("tenants", expanding=True))
+)
+# Looked up with every job event: one tenant's, the common case, without expanding a list.
+_ENDPOINTS_OF_TENANT = _ENDPOINTS.where(webhook_endpoints.c.tenant == sa.bindparam("tenant"))
 
 
 def endpoints_by_tenant(conn: Connection, tenants: set[str]) -> dict[str, list[Any]]:
     """The registered endpoints of these tenants; a tenant without any is absent."""
     if not tenants:
         return {}
+    if len(tenants) == 1:
+        [tenant] = tenants
+        rows = conn.execute(_ENDPOINTS_OF_TENANT, {"tenant": tenant}).all()
+        return {tenant: list(rows)} if rows else {}
     endpoints: defaultdict[str, list[Any]] = defaultdict(list)
     for endpoint in conn.execute(_ENDPOINTS_OF_TENANTS, {"tenants": list(tenants)}):
         endpoints[endpoint.tenant].append(endpoint)

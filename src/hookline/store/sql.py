@@ -140,6 +140,11 @@ def _conditional_update(
     return statement, params
 
 
+def _sql_string(value: str) -> sa.ColumnElement[str]:
+    assert value.isidentifier(), value  # our own constants: nothing to escape
+    return sa.literal_column(f"'{value}'", sa.String)
+
+
 @functools.lru_cache(maxsize=256)
 def _conditional_update_statement(
     new_status: JobStatus, keys: tuple[str, ...], by_tenant: bool, by_lease: bool
@@ -147,7 +152,9 @@ def _conditional_update_statement(
     # Built once per shape: building the statement cost more than running it.
     conditions = [
         jobs.c.id == sa.bindparam("c_id"),
-        jobs.c.status.in_([s.value for s in sources_for(new_status)]),
+        # The allowed statuses are constants of the statement: written into its text, they need
+        # none of the per-execution expansion a bound list costs (~25 µs a transition).
+        jobs.c.status.in_([_sql_string(s.value) for s in sorted(sources_for(new_status))]),
     ]
     if by_tenant:
         conditions.append(jobs.c.tenant == sa.bindparam("c_tenant"))
