@@ -46,7 +46,6 @@ class StreamAssembler:
                 # The common chunk, a piece of one choice's text and nothing else, goes short.
                 if (
                     self._chat
-                    and len(choice) == 4
                     and choice.get("finish_reason") is None
                     and choice.get("logprobs") is None
                 ):
