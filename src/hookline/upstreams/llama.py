@@ -61,9 +61,10 @@ def _weights_repacked(repack: bool) -> Iterator[None]:
     """Models loaded inside get llama.cpp's ``use_extra_bufts`` (weights repacked for the CPU's
     wide instructions) set to ``repack``. On CPUs with AMX, a build of llama.cpp for the machine
     it runs on puts the weights in AMX buffers, and its AMX matrix multiply crashes the process on
-    some of them (ggml-org/llama.cpp#20824: the tile permission is requested for one thread
-    only); without repacking the model runs on the plain AVX kernels. llama-cpp-python's ``Llama``
-    has no argument for it, so its default model parameters are wrapped while it loads."""
+    some of them (seen on this project's machines: SIGSEGV at ``ldtilecfg`` in the model's
+    warm-up; ggml-org/llama.cpp#20824, #26954); without repacking the model runs on the plain AVX
+    kernels. llama-cpp-python's ``Llama`` has no argument for it, so its default model parameters
+    are wrapped while it loads."""
     import llama_cpp.llama_cpp as bindings
 
     if repack:
