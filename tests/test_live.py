@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hookline.events import Event, EventType
-from hookline.jobs import Job, JobStatus, Operation
+from hookline.jobs import JobStatus
 from hookline.live import BadResumeToken, LiveDelta, LiveHub, StreamCursor
 from hookline.worker import RunningJob
+from tests.test_store import make_job
 
 JOB = "job_1"
 
@@ -171,7 +172,9 @@ async def test_text_held_during_an_accept_is_shown_exactly_when_a_flush_comes_fi
     producer = Producer(hub)
     producer.event(EventType.QUEUED, {})
     producer.event(EventType.STARTED, {"attempt": 1})
-    job = dataclasses.replace(_job(), attempts=1)
+    job = make_job(
+        "t", id=JOB, status=JobStatus.RUNNING, attempts=1, lease_token="lease_1", event_seq=2
+    )
     accepted = asyncio.get_running_loop().create_future()
     running = RunningJob(job, "lease_1", hub, accepted=accepted)
     watcher = Watcher()
@@ -191,13 +194,3 @@ async def test_text_held_during_an_accept_is_shown_exactly_when_a_flush_comes_fi
     watcher.read(cursor, subscription.drain(), producer.log)  # type: ignore[attr-defined]
     assert watcher.done
     assert "".join(watcher.texts) == "Hello"
-
-
-def _job() -> Job:
-    return Job(
-        id=JOB, tenant="t", status=JobStatus.RUNNING, operation=Operation.CHAT_COMPLETIONS,
-        model="m", upstream="u", input={}, output=None, error=None, metadata={}, priority=0,
-        attempts=1, max_attempts=3, idempotency_key=None, request_hash=None, created_at=0,
-        updated_at=0, started_at=0, finished_at=None, expires_at=None, run_after=0,
-        lease_token="lease_1", lease_expires_at=None, event_seq=2,
-    )  # fmt: skip

@@ -37,26 +37,26 @@ class StreamAssembler:
                 if value is not None:
                     header[key] = value
                     break
-        choices = self.choices
+        chat, choices = self._chat, self.choices
         for chunk in chunks:
             usage = chunk.get("usage")
             if usage:
                 self.usage = usage
             for choice in chunk.get("choices") or ():
-                # The common chunk, a piece of one choice's text and nothing else, goes short.
+                # The common chunk, a piece of a known choice's text and nothing else, goes short.
+                delta = choice.get("delta")
                 if (
-                    self._chat
+                    chat
                     and choice.get("finish_reason") is None
                     and choice.get("logprobs") is None
+                    and delta is not None
+                    and len(delta) == 1
+                    and (content := delta.get("content")) is not None
+                    and (state := choices.get(choice.get("index"))) is not None
                 ):
-                    delta = choice.get("delta")
-                    state = choices.get(choice.get("index"))
-                    if state is not None and delta is not None and len(delta) == 1:
-                        content = delta.get("content")
-                        if content is not None:
-                            if content:
-                                state["text"].append(content)
-                            continue
+                    if content:
+                        state["text"].append(content)
+                    continue
                 self._take_choice(choice)
         for index, state in self.choices.items():
             parts = state["text"]

@@ -57,19 +57,16 @@ _PARAMS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _weights_repacked(repack: bool) -> Iterator[None]:
+def _without_weight_repacking() -> Iterator[None]:
     """Models loaded inside get llama.cpp's ``use_extra_bufts`` (weights repacked for the CPU's
-    wide instructions) set to ``repack``. On CPUs with AMX, a build of llama.cpp for the machine
-    it runs on puts the weights in AMX buffers, and its AMX matrix multiply crashes the process on
-    some of them (seen on this project's machines: SIGSEGV at ``ldtilecfg`` in the model's
-    warm-up; ggml-org/llama.cpp#20824, #26954); without repacking the model runs on the plain AVX
-    kernels. llama-cpp-python's ``Llama`` has no argument for it, so its default model parameters
-    are wrapped while it loads."""
+    wide instructions) turned off. On CPUs with AMX, a build of llama.cpp for the machine it runs
+    on puts the weights in AMX buffers, and its AMX matrix multiply crashes the process on some of
+    them (seen on this project's machines: SIGSEGV at ``ldtilecfg`` in the model's warm-up;
+    ggml-org/llama.cpp#20824, #26954); without repacking the model runs on the plain AVX kernels.
+    llama-cpp-python's ``Llama`` has no argument for it, so its default model parameters are
+    wrapped while it loads."""
     import llama_cpp.llama_cpp as bindings
 
-    if repack:
-        yield
-        return
     with _PARAMS_LOCK:
         defaults = bindings.llama_model_default_params
 
@@ -102,7 +99,7 @@ class LlamaUpstream(Upstream):
         from llama_cpp import Llama
 
         path = Path(self.config.model_path) if self.config.model_path else bundled_model_path()
-        with _weights_repacked(not _cpu_has_amx()):
+        with _without_weight_repacking() if _cpu_has_amx() else contextlib.nullcontext():
             return Llama(model_path=str(path), n_ctx=self.config.context_size, verbose=False)
 
     async def close(self) -> None:

@@ -166,10 +166,10 @@ async def _read_stream(
                 if parser.done:
                     break
                 data = data[cut:]
-                if held_until is None or held_until.done():
-                    await asyncio.sleep(0)
             if held_until is not None and not held_until.done():
                 await asyncio.shield(held_until)  # (not ours to cancel)
+            elif cut:
+                await asyncio.sleep(0)
         assembler.feed(*parser.feed(data))
         if parser.done:
             break
