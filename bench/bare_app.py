@@ -10,7 +10,7 @@ from starlette.responses import Response
 from hookline.api.limits import BodyLimitMiddleware
 from hookline.api.problems import install_problem_handlers
 from hookline.api.schemas import JobCreate
-from hookline.cli import tune_interpreter
+from hookline.cli.server import tune_interpreter
 from hookline.ids import new_id
 
 tune_interpreter()  # the same process tuning as `hookline api`, for a fair ceiling

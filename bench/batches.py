@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from bench import save_figures
 from bench.streams import cpu_seconds, rss_mib
 from bench.submit import free_port, reset_postgres, start, start_upstream, stop, wait_ready
 
@@ -40,7 +41,10 @@ def _lines(n: int) -> Iterator[bytes]:
         yield (json.dumps(line) + "\n").encode()
 
 
-def run(items: int, database_url: str, upstream_port: int, args: argparse.Namespace) -> None:
+def run(
+    items: int, database_url: str, upstream_port: int, args: argparse.Namespace
+) -> dict[str, float]:
+    """One batch of ``items`` through a whole gateway: its figures."""
     with tempfile.TemporaryDirectory() as workdir:
         config = Path(workdir) / "batches.toml"
         config.write_text(
@@ -95,6 +99,12 @@ max_concurrency = {args.max_concurrency}
         f"RSS {idle:.0f} MiB idle, {peak:.0f} MiB peak (+{peak - idle:.0f} MiB)",
         flush=True,
     )
+    return {
+        "items_per_s": items / elapsed,
+        "cpu_ms_per_item": cpu / items * 1000,
+        "rss_growth_mib": peak - idle,
+        "completed": counts["completed"] / items,
+    }
 
 
 def main() -> None:
@@ -106,7 +116,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
+    figures: dict[str, dict[str, float]] = {}
     upstream, upstream_port = start_upstream(args.tokens)
     try:
         for items in args.items:
@@ -115,9 +127,11 @@ def main() -> None:
                     url = f"sqlite:///{data}/bench.db"
                 else:
                     url = asyncio.run(reset_postgres(args.postgres_url, "hookline_bench_batches"))
-                run(items, url, upstream_port, args)
+                figures[str(items)] = run(items, url, upstream_port, args)
     finally:
         stop(upstream)
+    if args.json:
+        save_figures(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import asyncpg
 
+from bench import save_figures
 from bench.streams import cpu_seconds, rss_mib
 from bench.submit import reset_postgres, start, start_upstream, stop
 from hookline.config import load_settings
@@ -177,7 +178,8 @@ def throughput(
     return rates
 
 
-def in_flight(args: argparse.Namespace, workdir: Path, upstream_port: int) -> None:
+def in_flight(args: argparse.Namespace, workdir: Path, upstream_port: int) -> float:
+    """One worker holding ``--inflight`` jobs at once: its KB per in-flight job."""
     config = _config(workdir, upstream_port, args.inflight, 120)
     url = _prepare(args.postgres_url, "hookline_bench_inflight", config)
     env = {"HOOKLINE_CONFIG": str(config), "HOOKLINE_DATABASE_URL": url}
@@ -202,7 +204,7 @@ def in_flight(args: argparse.Namespace, workdir: Path, upstream_port: int) -> No
         total = time.monotonic() - started
     finally:
         stop(worker)
-    per_job_kb = (peak - idle) * 1024 / args.inflight
+    per_job_kb = float(peak - idle) * 1024 / args.inflight
     reached = f"{all_in_flight:.1f} s after the first submit" if all_in_flight else "never at once"
     print(
         f"in flight: {args.inflight} jobs held {args.hold} s each by one worker process: all "
@@ -211,6 +213,7 @@ def in_flight(args: argparse.Namespace, workdir: Path, upstream_port: int) -> No
         "(target: under 50 KB)",
         flush=True,
     )
+    return float(per_job_kb)
 
 
 def main() -> None:
@@ -224,16 +227,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--max-concurrency", type=int, default=256)
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
     upstream, upstream_port = start_upstream(args.tokens)
+    figures: dict[str, float] = {}
     try:
         with tempfile.TemporaryDirectory() as workdir:
             if args.jobs:
-                throughput(args, Path(workdir), upstream_port, upstream.pid)
+                rates = throughput(args, Path(workdir), upstream_port, upstream.pid)
+                figures |= {f"jobs_per_s_{workers}_workers": r for workers, r in rates.items()}
             if args.inflight:
-                in_flight(args, Path(workdir), upstream_port)
+                figures["kb_per_inflight_job"] = in_flight(args, Path(workdir), upstream_port)
     finally:
         stop(upstream)
+    if args.json:
+        save_figures(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
-"""Submit benchmark: accepted jobs/s and accept latency at 64 concurrent clients.
+"""Submit benchmark: accepted jobs/s and accept latency at 64 concurrent clients, and jobs
+completed per second end to end.
 
 Runs, in one go and on this machine's loopback: the bare ceiling (bench/bare_app.py: same HTTP stack,
 no storage), then ``hookline api`` on SQLite and on PostgreSQL. Load comes from wrk (C, one thread,
 64 connections) so that the load generator takes as little CPU from the server as possible.
 
-    python -m bench.submit [--seconds 10] [--connections 64] [--postgres-url URL]
+End to end (``--completed``): the same load against a whole gateway (one ``hookline serve`` on SQLite;
+``hookline api`` + ``hookline worker`` on PostgreSQL) whose upstream (bench/upstream.py) answers at
+once: from the first job's submit to the last one's ``job.succeeded``, as the store recorded them,
+beside the accept rate of that same run.
+
+    python -m bench.submit [--seconds 10] [--connections 64] [--completed] [--postgres-url URL]
 
 Needs ``wrk`` (``apt-get install wrk``). Prints each run and its ratio to the ceiling.
 """
@@ -13,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -31,6 +39,8 @@ import httpx
 # Ports for the processes a benchmark starts, taken as the test suite takes them: from below the
 # kernel's ephemeral range (a port found by binding port 0 could be taken meanwhile).
 from tests.scripted_upstream import free_port as free_port
+
+from bench import save_figures
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = {
@@ -128,11 +138,14 @@ async def reset_postgres(admin_url: str, name: str) -> str:
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
-def run_hookline(database_url: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+def run_hookline(
+    database_url: str, args: argparse.Namespace, workdir: Path, *, metrics: bool = True
+) -> dict[str, float]:
     env = {"HOOKLINE_DATABASE_URL": database_url, "HOOKLINE_LOG_LEVEL": "warning"}
     config = workdir / "bench.toml"
     config.write_text(
-        'local_model = false\n[[upstreams]]\nname = "bench"\nbase_url = "http://127.0.0.1:9/v1"\nmodels = ["*"]\n'
+        f"local_model = false\n[metrics]\nenabled = {str(metrics).lower()}\n"
+        '[[upstreams]]\nname = "bench"\nbase_url = "http://127.0.0.1:9/v1"\nmodels = ["*"]\n'
     )
     env["HOOKLINE_CONFIG"] = str(config)
     hookline = [sys.executable, "-m", "hookline"]
@@ -154,6 +167,77 @@ def run_hookline(database_url: str, args: argparse.Namespace, workdir: Path) -> 
         return wrk(f"http://127.0.0.1:{port}", key, args.seconds, args.connections, workdir)
     finally:
         stop(server)
+
+
+def run_completed(
+    database_url: str, args: argparse.Namespace, workdir: Path, upstream_port: int
+) -> dict[str, float]:
+    """wrk against a whole gateway with an instant upstream, then until every job has finished:
+    the accept rate and the completion rate of the same run."""
+    config = workdir / "completed.toml"
+    config.write_text(
+        'local_model = false\n[[upstreams]]\nname = "bench"\n'
+        f'base_url = "http://127.0.0.1:{upstream_port}/v1"\nmodels = ["*"]\nmax_concurrency = 256\n'
+    )
+    env = {
+        "HOOKLINE_DATABASE_URL": database_url,
+        "HOOKLINE_LOG_LEVEL": "warning",
+        "HOOKLINE_CONFIG": str(config),
+    }
+    hookline = [sys.executable, "-m", "hookline"]
+    subprocess.run(
+        [*hookline, "migrate"], env={**os.environ, **env}, check=True, capture_output=True
+    )
+    key = subprocess.run(
+        [*hookline, "keys", "create", "--tenant", "bench"],
+        env={**os.environ, **env}, check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    port = free_port()
+    if database_url.startswith("sqlite"):
+        servers = [start([*hookline, "serve", "--port", str(port)], env, workdir)]
+    else:
+        servers = [
+            start([*hookline, "api", "--port", str(port), "--no-migrate"], env, workdir),
+            start([*hookline, "worker", "--no-migrate"], env, workdir),
+        ]
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/healthz")
+        accepted = wrk(f"http://127.0.0.1:{port}", key, args.seconds, args.connections, workdir)
+        counts = asyncio.run(_wait_finished(database_url))
+    finally:
+        for server in servers:
+            stop(server)
+    if counts["failed"]:
+        raise RuntimeError(f"{counts['failed']:.0f} jobs failed in the end-to-end run")
+    completed = counts["succeeded"] / counts["seconds"]
+    return {"accepted_rps": accepted["rps"], "completed_rps": completed, **counts}
+
+
+async def _wait_finished(database_url: str, timeout: float = 180) -> dict[str, float]:
+    """Once no job is queued or running: how many succeeded and failed, and the seconds from the
+    first job created to the last one finished."""
+    query = (
+        "SELECT count(*) FILTER (WHERE status IN ('queued', 'running')),"
+        " count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'failed'),"
+        " min(created_at), max(finished_at) FROM jobs"
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        if database_url.startswith("sqlite"):
+            with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
+                row = db.execute(query).fetchone()
+        else:
+            conn = await asyncpg.connect(database_url.replace("postgresql://", "postgres://"))
+            try:
+                row = tuple(await conn.fetchrow(query))
+            finally:
+                await conn.close()
+        unfinished, succeeded, failed, first, last = row
+        if not unfinished:
+            return {"succeeded": succeeded, "failed": failed, "seconds": (last - first) / 1000}
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{unfinished} jobs still unfinished after {timeout:.0f} s")
+        await asyncio.sleep(0.5)
 
 
 def run_bare(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
@@ -185,10 +269,19 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds; medians reported"
     )
+    parser.add_argument(
+        "--completed", action="store_true", help="also jobs completed per second, end to end"
+    )
+    parser.add_argument(
+        "--metrics-off", action="store_true",
+        help="also each hookline run with [metrics] enabled = false, interleaved (docs/operations.md)",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
     runs: dict[str, list[dict[str, float]]] = {}
+    upstream, upstream_port = start_upstream(1) if args.completed else (None, 0)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         # Interleaved rounds: the machine is shared and noisy, so each target sees the same weather.
@@ -198,9 +291,31 @@ def main() -> None:
             runs.setdefault("hookline, SQLite", []).append(
                 run_hookline(f"sqlite:///{sqlite_file}", args, workdir)
             )
+            if args.metrics_off:
+                off = f"sqlite:///{workdir / f'bench-off-{round_no}.db'}"
+                runs.setdefault("SQLite, metrics off", []).append(
+                    run_hookline(off, args, workdir, metrics=False)
+                )
             if not args.skip_postgres:
                 url = asyncio.run(reset_postgres(args.postgres_url, "hookline_bench"))
                 runs.setdefault("hookline, PostgreSQL", []).append(run_hookline(url, args, workdir))
+                if args.metrics_off:
+                    url = asyncio.run(reset_postgres(args.postgres_url, "hookline_bench"))
+                    runs.setdefault("PostgreSQL, metrics off", []).append(
+                        run_hookline(url, args, workdir, metrics=False)
+                    )
+            if args.completed:
+                db = f"sqlite:///{workdir / f'completed-{round_no}.db'}"
+                runs.setdefault("end to end, SQLite", []).append(
+                    run_completed(db, args, workdir, upstream_port)
+                )
+                if not args.skip_postgres:
+                    url = asyncio.run(reset_postgres(args.postgres_url, "hookline_bench"))
+                    runs.setdefault("end to end, PostgreSQL", []).append(
+                        run_completed(url, args, workdir, upstream_port)
+                    )
+    if upstream is not None:
+        stop(upstream)
     results = {
         name: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
         for name, rounds in runs.items()
@@ -213,10 +328,23 @@ def main() -> None:
         f"{'run':<24}{'jobs/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'vs ceiling':>11}{'p99 ratio':>10}"
     )
     for name, r in results.items():
+        if "rps" not in r:
+            continue
         print(
             f"{name:<24}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
             f"{r['rps'] / ceiling['rps']:>10.0%} {r['p99_ms'] / ceiling['p99_ms']:>9.2f}"
         )
+    ends = {name: r for name, r in results.items() if "completed_rps" in r}
+    if ends:
+        print("\nEnd to end (submit -> job.succeeded, instant upstream), same load\n")
+        print(f"{'run':<24}{'accepted/s':>11}{'completed/s':>12}{'ratio':>8}")
+        for name, r in ends.items():
+            print(
+                f"{name:<24}{r['accepted_rps']:>11.0f}{r['completed_rps']:>12.0f}"
+                f"{r['completed_rps'] / r['accepted_rps']:>8.0%}"
+            )
+    if args.json:
+        save_figures(args.json, results)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""A fast OpenAI-compatible streaming upstream for benchmarks, as its own process: every chat
-completion streams ``TOKENS`` chunks at once (no time to first token, no delay between tokens).
+"""A fast streaming upstream for benchmarks, as its own process: every chat completion
+(OpenAI's ``/v1/chat/completions``) and every message (Anthropic's ``/v1/messages``, streamed as
+Anthropic streams it) streams ``TOKENS`` chunks at once (no time to first token, no delay
+between tokens).
 
 python -m bench.upstream PORT [TOKENS]
 """
@@ -36,6 +38,39 @@ FINISH = [_chunk(None, "stop"),
           b"data: [DONE]\n\n"]  # fmt: skip
 
 
+def _event(kind: str, data: dict[str, object]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **data}) + b"\n\n"
+
+
+_MESSAGE: dict[str, object] = {"id": "msg_bench", "type": "message", "role": "assistant", "model": "claude-bench",
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 5, "output_tokens": 1}}  # fmt: skip
+ANTHROPIC_START = [
+    _event("message_start", {"message": _MESSAGE}),
+    _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+]
+ANTHROPIC_CHUNKS = [
+    _event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": f"t{i} "}})
+    for i in range(TOKENS)
+]
+ANTHROPIC_FINISH = [
+    _event("content_block_stop", {"index": 0}),
+    _event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                             "usage": {"output_tokens": TOKENS}}),
+    _event("message_stop", {}),
+]  # fmt: skip
+
+
+async def _messages(request: web.Request) -> web.StreamResponse:
+    """Anthropic's Messages API, streamed (the benchmarks always ask for a stream)."""
+    await request.read()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for chunk in (*ANTHROPIC_START, *ANTHROPIC_CHUNKS, *ANTHROPIC_FINISH):
+        await response.write(chunk)
+    return response
+
+
 async def _chat(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
     model = str(body.get("model", ""))
@@ -56,6 +91,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 def main() -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/messages", _messages)
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 
 

@@ -32,15 +32,17 @@ import asyncpg
 import orjson
 import sqlalchemy as sa
 
+from bench import save_figures
 from bench.submit import free_port, reset_postgres
-from hookline.cli import tune_interpreter
+from hookline.cli.server import tune_interpreter
 from hookline.clock import SystemClock
 from hookline.config import Settings, UpstreamConfig, WebhooksConfig
+from hookline.delivery.webhooks.sender import WebhookSender
 from hookline.events import Event, EventType
 from hookline.gateway import Gateway
-from hookline.notify import Notifier
-from hookline.sender import WebhookSender
+from hookline.live.notify import Notifier
 from hookline.store import open_store
+from hookline.store.migrate import upgrade
 from hookline.store.outbox import enqueue_deliveries
 from hookline.store.schema import deliveries
 
@@ -72,6 +74,7 @@ async def bare_loop(url: str, n: int) -> float:
 
 async def sender_throughput(database_url: str, url: str, n: int) -> float:
     store = await open_store(database_url)
+    await upgrade(store.database)
     now = SystemClock().now_ms()
     events = [
         (Event(0, f"job_{i:08d}", "bench", 1, EventType.SUCCEEDED, {}, now), None,
@@ -172,6 +175,7 @@ def main() -> None:
             "HOOKLINE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
         ),
     )
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
     tune_interpreter()
     port = free_port()
@@ -222,6 +226,10 @@ def main() -> None:
     for name, samples in lat.items():
         q = statistics.quantiles(samples, n=10)
         print(f"{name:<14}{statistics.median(samples):>10.1f}{q[8]:>10.1f}{max(samples):>10.1f}")
+    if args.json:
+        figures = {f"rate {name}": rate for name, rate in rows}
+        figures |= {f"latency_p50_ms {name}": statistics.median(s) for name, s in lat.items()}
+        save_figures(args.json, figures)
 
 
 if __name__ == "__main__":

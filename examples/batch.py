@@ -1,11 +1,14 @@
 """A batch: many requests in one call, then the results in input order.
 
-HOOKLINE_URL=... HOOKLINE_API_KEY=... python examples/batch.py
+From the checkout's folder, with hookline running and HOOKLINE_API_KEY set (docs/quickstart.md;
+HOOKLINE_URL too if it is not on http://127.0.0.1:8000):
+
+    .venv/bin/python examples/batch.py
 """
 
 from __future__ import annotations
 
-from hookline import Client
+from hookline.client import Client
 
 
 def main(

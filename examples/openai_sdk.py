@@ -1,7 +1,10 @@
 """The official OpenAI SDK against hookline: change base_url and api_key, nothing else. Each call
 is a durable job (its id in the ``Hookline-Job-Id`` header) that outlives a dropped connection.
 
-    HOOKLINE_URL=... HOOKLINE_API_KEY=... python examples/openai_sdk.py
+From the checkout's folder, with hookline running and HOOKLINE_API_KEY set (docs/quickstart.md;
+HOOKLINE_URL too if it is not on http://127.0.0.1:8000), and the openai package (``.venv/bin/pip install openai``):
+
+    .venv/bin/python examples/openai_sdk.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """A webhook receiver in Django (one file): verifies hookline's signature, dedupes on webhook-id.
 
-    HOOKLINE_WEBHOOK_SECRET=whsec_... python -m django runserver 3000 --settings examples.receiver_django
+From the checkout's folder, with hookline running (``hookline serve --dev``) and HOOKLINE_API_KEY
+set (docs/quickstart.md); it prints each message it verified:
+
+    HOOKLINE_WEBHOOK_SECRET=$(.venv/bin/hookline webhooks secret) .venv/bin/python -m django runserver 3000 --settings examples.receiver_django
 
 In a real project, put the view in your app's views.py and its path in urls.py.
 """
@@ -10,19 +13,25 @@ from __future__ import annotations
 import os
 
 from django.conf import settings
-
-if not settings.configured:
-    settings.configure(
-        ROOT_URLCONF=__name__, ALLOWED_HOSTS=["*"], SECRET_KEY="unused", MIDDLEWARE=[]
-    )
-
 from django.core.wsgi import get_wsgi_application
 from django.http import HttpRequest, HttpResponseBadRequest, JsonResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from hookline.webhooks import WebhookEvent, WebhookVerificationError, verify
+from hookline.client.webhooks import WebhookEvent, WebhookVerificationError, verify
+
+# The settings: this module is Django's settings module (runserver --settings …), or configures
+# Django itself when it is imported (by a WSGI server, or the tests).
+ROOT_URLCONF = __name__
+ALLOWED_HOSTS = ["*"]
+SECRET_KEY = "unused"
+MIDDLEWARE: list[str] = []
+if os.environ.get("DJANGO_SETTINGS_MODULE") != __name__ and not settings.configured:
+    settings.configure(
+        ROOT_URLCONF=ROOT_URLCONF, ALLOWED_HOSTS=ALLOWED_HOSTS, SECRET_KEY=SECRET_KEY,
+        MIDDLEWARE=MIDDLEWARE,
+    )  # fmt: skip
 
 received: list[WebhookEvent] = []  # stands in for your database
 seen_ids: set[str] = set()
@@ -40,6 +49,7 @@ def hook(request: HttpRequest) -> JsonResponse | HttpResponseBadRequest:
         return JsonResponse({"status": "duplicate"})
     seen_ids.add(event.id)
     received.append(event)
+    print(f"verified {event.type} of {event.data.get('id')}", flush=True)
     return JsonResponse({"status": "ok"})
 
 

@@ -1,6 +1,9 @@
 """A webhook receiver in Flask: verifies hookline's signature, dedupes on webhook-id, answers fast.
 
-HOOKLINE_WEBHOOK_SECRET=whsec_... flask --app examples.receiver_flask run --port 3000
+From the checkout's folder, with hookline running (``hookline serve --dev``) and HOOKLINE_API_KEY
+set (docs/quickstart.md); it prints each message it verified:
+
+    HOOKLINE_WEBHOOK_SECRET=$(.venv/bin/hookline webhooks secret) .venv/bin/flask --app examples.receiver_flask run --port 3000
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import os
 
 from flask import Flask, abort, request
 
-from hookline.webhooks import WebhookEvent, WebhookVerificationError, verify
+from hookline.client.webhooks import WebhookEvent, WebhookVerificationError, verify
 
 app = Flask(__name__)
 received: list[WebhookEvent] = []  # stands in for your database
@@ -27,4 +30,5 @@ def hook() -> dict[str, str]:
         return {"status": "duplicate"}
     seen_ids.add(event.id)
     received.append(event)
+    print(f"verified {event.type} of {event.data.get('id')}", flush=True)
     return {"status": "ok"}

@@ -1,12 +1,15 @@
 """Stream a job's output as it is produced; a dropped connection is resumed where it stopped,
 and the text printed is exactly the output, never a token lost or repeated.
 
-    HOOKLINE_URL=... HOOKLINE_API_KEY=... python examples/stream_with_resume.py
+From the checkout's folder, with hookline running and HOOKLINE_API_KEY set (docs/quickstart.md;
+HOOKLINE_URL too if it is not on http://127.0.0.1:8000):
+
+    .venv/bin/python examples/stream_with_resume.py
 """
 
 from __future__ import annotations
 
-from hookline import Client, Event, TextDelta
+from hookline.client import Client, Event, TextDelta
 
 
 def main(model: str = "local", prompt: str = "Tell me a short story.") -> str:

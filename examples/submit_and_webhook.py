@@ -1,18 +1,21 @@
 """Submit a chat completion and be called back when it is done: no polling, no held connection.
 
-    HOOKLINE_URL=http://127.0.0.1:8000 HOOKLINE_API_KEY=hk_... \\
-        python examples/submit_and_webhook.py http://your-receiver.example/hook
+From the checkout's folder, with hookline running and HOOKLINE_API_KEY set (docs/quickstart.md;
+HOOKLINE_URL too if it is not on http://127.0.0.1:8000), and one of the receivers
+(receiver_fastapi.py, receiver_flask.py, receiver_django.py) on port 3000:
 
-Run one of the receivers next to it (receiver_fastapi.py, receiver_flask.py, receiver_django.py)
-with the secret from ``GET /v1/webhook-secret``; or, on a laptop, ``hookline listen
---forward-to http://localhost:3000/hook`` delivers to the local receiver.
+    .venv/bin/python examples/submit_and_webhook.py http://localhost:3000/hook
+
+A webhook may go to localhost because the quickstart runs ``hookline serve --dev``; in
+production the URL is a public one. ``hookline listen --forward-to URL`` is the other way to get
+your events to a local receiver, from a gateway elsewhere.
 """
 
 from __future__ import annotations
 
 import sys
 
-from hookline import Client
+from hookline.client import Client
 
 
 def main(webhook_url: str, model: str = "local") -> str:

@@ -32,8 +32,13 @@ def http_api() -> str:
         "# HTTP API reference",
         "",
         "Generated from the OpenAPI spec (`GET /openapi.json`) by `scripts/reference.py`. Every",
-        "call but the health checks needs `Authorization: Bearer <key>`; errors are",
-        "`application/problem+json`.",
+        "call under `/v1/` needs `Authorization: Bearer <key>` (the spec's `bearer` scheme); every",
+        "error is `application/problem+json` (RFC 9457, the spec's `Problem` schema).",
+        "",
+        "The spec is the truth: each operation lists every status it can answer, and its request",
+        "and response bodies as they are. `tests/test_fuzz.py` keeps it so: schemathesis fuzzes",
+        "every operation of the spec against a live gateway and fails on a server error, a status",
+        "or content type the spec does not list, or a body that does not match its schema.",
         "",
     ]
     for path, methods in spec["paths"].items():
@@ -61,10 +66,17 @@ def http_api() -> str:
                     )
             body = operation.get("requestBody", {}).get("content", {})
             if body:
-                out += ["", "Request body: " + ", ".join(f"`{kind}`" for kind in body)]
+                out += ["", "Request body: " + ", ".join(_media(k, v) for k, v in body.items())]
             statuses = ", ".join(f"`{code}`" for code in operation.get("responses", {}))
             out += ["", f"Responses: {statuses}", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _media(kind: str, content: dict[str, Any]) -> str:
+    """``kind``, with the name of its schema when it has one (``application/json`` (JobCreate))."""
+    ref = content.get("schema", {}).get("$ref", "")
+    name = ref.rpartition("/")[2]
+    return f"`{kind}` ({name})" if name else f"`{kind}`"
 
 
 def cli() -> str:

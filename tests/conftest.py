@@ -25,11 +25,14 @@ import pytest
 import uvicorn
 
 from hookline.api import create_app
+from hookline.api.server import server_options
 from hookline.clock import Clock
 from hookline.config import Settings, UpstreamConfig
 from hookline.gateway import Gateway
-from hookline.migrate import upgrade
+from hookline.observability import Telemetry
 from hookline.store.database import open_database
+from hookline.store.migrate import upgrade
+from tests.scripted_anthropic import ScriptedAnthropic
 from tests.scripted_upstream import ScriptedUpstream
 from tests.webhook_receiver import WebhookReceiver
 
@@ -37,6 +40,18 @@ POSTGRES_URL = os.environ.get(
     "HOOKLINE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REQUIRE_SERVICES = os.environ.get("HOOKLINE_REQUIRE_SERVICES") == "1"
+ROOT = Path(__file__).resolve().parent.parent
+_TOOL_CACHES = {".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache"}
+
+
+@pytest.fixture(autouse=True)
+def _work_tree_left_clean() -> Iterator[None]:
+    """A test leaves nothing in the checkout (a ``hookline.db``, say): files go under tmp_path."""
+    before = set(os.listdir(ROOT))
+    yield
+    left = set(os.listdir(ROOT)) - before - _TOOL_CACHES
+    if left:
+        pytest.fail(f"the test left {sorted(left)} in {ROOT}")
 
 
 def _service_missing(reason: str) -> None:
@@ -126,6 +141,15 @@ async def upstream() -> AsyncIterator[ScriptedUpstream]:
     await server.stop()
 
 
+@pytest.fixture
+async def claude() -> AsyncIterator[ScriptedAnthropic]:
+    """A scripted Anthropic Messages API server."""
+    server = ScriptedAnthropic()
+    await server.start()
+    yield server
+    await server.stop()
+
+
 def gateway_settings(database_url: str, upstream_url: str, **changes: Any) -> Settings:
     """Settings tuned for tests: the scripted upstream serves every model, retries come fast."""
     upstream_changes = changes.pop("upstream", {})
@@ -186,16 +210,24 @@ class LiveGateway:
 
 @contextlib.asynccontextmanager
 async def serve(
-    settings: Settings, clock: Clock | None = None, *, run_worker: bool = True, migrate: bool = True
+    settings: Settings,
+    clock: Clock | None = None,
+    *,
+    run_worker: bool = True,
+    migrate: bool = True,
+    telemetry: Telemetry | None = None,
 ) -> AsyncIterator[LiveGateway]:
     """Run a gateway with uvicorn on a free loopback port, in this event loop."""
-    gateway = Gateway(settings, clock=clock, run_worker=run_worker, migrate=migrate)
+    gateway = Gateway(
+        settings, clock=clock, run_worker=run_worker, migrate=migrate, telemetry=telemetry
+    )
     await gateway.start()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         create_app(gateway, manage_gateway=False),
+        **server_options(settings),  # the same HTTP guards as hookline serve
         log_level="warning",
         ws="websockets-sansio",
         lifespan="off",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,10 @@ def write_config(
     lease_seconds: float = 30,
     webhook_timeout_seconds: float = 15,
     delta_flush_seconds: float = 0.25,
+    allowed_networks: tuple[str, ...] = ("127.0.0.0/8",),
 ) -> Path:
+    """A configuration for tests: the scripted upstream serves every model; webhooks may go to
+    ``allowed_networks`` (none: only what ``--dev`` allows)."""
     path.write_text(
         f"""
 local_model = false
@@ -38,7 +42,7 @@ heartbeat_seconds = {min(5.0, lease_seconds / 3)}
 delta_flush_seconds = {delta_flush_seconds}
 
 [webhooks]
-allowed_networks = ["127.0.0.0/8"]
+allowed_networks = {json.dumps(list(allowed_networks))}
 poll_seconds = 0.2
 timeout_seconds = {webhook_timeout_seconds}
 
@@ -69,7 +73,9 @@ def hookline(
 
 
 class GatewayProcess:
-    def __init__(self, command: str, env: dict[str, str], cwd: Path) -> None:
+    def __init__(
+        self, command: str, env: dict[str, str], cwd: Path, args: tuple[str, ...] = ()
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -79,6 +85,7 @@ class GatewayProcess:
             "HOOKLINE_HOST": "127.0.0.1",
         }
         self.command = command
+        self.args = args
         self.cwd = cwd
         self.log = cwd / f"{command}-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -86,7 +93,7 @@ class GatewayProcess:
     def start(self, timeout: float = 60) -> GatewayProcess:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "hookline", self.command],
+                [sys.executable, "-m", "hookline", self.command, *self.args],
                 env=self.env,
                 cwd=self.cwd,
                 stdout=log,

@@ -3,12 +3,13 @@
 Each model name has a script: a list of steps, one consumed per request (the last one repeats). With no
 script, a model answers by echoing the last user message. Steps reproduce what real upstreams do:
 answer (streamed or not, with a slow first token or slow tokens), an error status with Retry-After,
-a connection dropped mid-stream, a hang.
+a connection dropped mid-stream, a hang, a stream without end, random bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import random
@@ -53,7 +54,26 @@ class ErrorChunk:
     message: str = "scripted error mid-stream"
 
 
-Step = Reply | Status | Drop | Hang | ErrorChunk
+@dataclasses.dataclass
+class Endless:
+    """A stream that never ends: chunks of ``piece_chars`` characters as fast as they are taken
+    (it stops after ``give_up_bytes``, so that a test that fails does not run forever)."""
+
+    piece_chars: int = 1024
+    give_up_bytes: int = 256 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class Garbage:
+    """``size`` random bytes (the same ones each time) where the answer should be: the body of a
+    200 (typed as an event stream for a streamed request), or with ``raw``, in place of the whole
+    HTTP response."""
+
+    size: int = 8192
+    raw: bool = False
+
+
+Step = Reply | Status | Drop | Hang | ErrorChunk | Endless | Garbage
 
 
 @dataclasses.dataclass
@@ -91,6 +111,8 @@ class ScriptedUpstream:
         app.router.add_post("/v1/chat/completions", self._completion)
         app.router.add_post("/v1/completions", self._completion)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/images/generations", self._images)
+        app.router.add_post("/v1/rerank", self._rerank)
         return app
 
     async def start(self) -> str:
@@ -127,6 +149,40 @@ class ScriptedUpstream:
             }
         )
 
+    async def _images(self, request: web.Request) -> web.Response:
+        """OpenAI's image generation: ``n`` images of the prompt, as base64 (a few bytes each)
+        or URLs; a ``Reply``'s ``first_token_delay`` makes it a slow answer, as images are."""
+        body = await request.json()
+        model = body.get("model", "")
+        self.requests.append(Seen(model, body, time.monotonic()))
+        self.counts[model] += 1
+        step = self._next_step(model)
+        if isinstance(step, Status):
+            error = {"message": step.message, "type": "scripted", "code": step.status}
+            headers = {"Retry-After": step.retry_after} if step.retry_after else {}
+            return web.json_response({"error": error}, status=step.status, headers=headers)
+        if isinstance(step, Reply) and step.first_token_delay:
+            await asyncio.sleep(step.first_token_delay)
+        prompt = str(body.get("prompt", ""))
+        images = []
+        for i in range(int(body.get("n") or 1)):
+            if body.get("response_format") == "url":
+                images.append({"url": f"https://images.example/{i}.png", "revised_prompt": prompt})
+            else:
+                png = base64.b64encode(f"PNG {i}: {prompt}".encode()).decode()
+                images.append({"b64_json": png, "revised_prompt": prompt})
+        return web.json_response({"created": 1700000000, "data": images})
+
+    async def _rerank(self, request: web.Request) -> web.Response:
+        """An endpoint hookline does not model (a passthrough operation): a reranker's
+        answer, the documents scored by their length."""
+        body = await request.json()
+        self.requests.append(Seen(body.get("model", ""), body, time.monotonic()))
+        documents = body.get("documents") or []
+        results = [{"index": i, "relevance_score": len(str(d))} for i, d in enumerate(documents)]
+        results.sort(key=lambda r: -r["relevance_score"])
+        return web.json_response({"model": body.get("model"), "results": results})
+
     async def _completion(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         model = body.get("model", "")
@@ -136,7 +192,7 @@ class ScriptedUpstream:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
-            return await self._answer(request, body, self._next_step(model))
+            return await self._answer(request, body, self._next_step(model), seen)
         except (asyncio.CancelledError, ConnectionResetError):
             seen.aborted = True
             raise
@@ -144,7 +200,7 @@ class ScriptedUpstream:
             self.active -= 1
 
     async def _answer(
-        self, request: web.Request, body: dict[str, Any], step: Step
+        self, request: web.Request, body: dict[str, Any], step: Step, seen: Seen
     ) -> web.StreamResponse:
         chat = request.path.endswith("/chat/completions")
         if isinstance(step, Hang):
@@ -157,6 +213,10 @@ class ScriptedUpstream:
                 status=step.status,
                 headers=headers,
             )
+        if isinstance(step, Garbage):
+            return await self._garbage(request, body, step)
+        if isinstance(step, Endless):
+            return await self._endless(request, body, step, chat, seen)
         text = (step.text if isinstance(step, Reply) else None) or _echo(body, chat)
         pieces = split_text(text, step.chunks if isinstance(step, Reply) else 4)
         if not body.get("stream"):
@@ -195,6 +255,35 @@ class ScriptedUpstream:
                 _sse({**_chunk(body, "", chat, False), "choices": [], "usage": usage})
             )
         await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def _garbage(
+        self, request: web.Request, body: dict[str, Any], step: Garbage
+    ) -> web.StreamResponse:
+        noise = random.Random(step.size).randbytes(step.size)
+        if step.raw:
+            assert request.transport is not None
+            request.transport.write(noise)
+            request.transport.close()
+            return web.Response()  # never sent: the connection is gone
+        kind = "text/event-stream" if body.get("stream") else "application/json"
+        response = web.StreamResponse(headers={"Content-Type": kind})
+        await response.prepare(request)
+        await response.write(noise)
+        return response
+
+    async def _endless(
+        self, request: web.Request, body: dict[str, Any], step: Endless, chat: bool, seen: Seen
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        event = _sse(_chunk(body, "x" * step.piece_chars, chat, False))
+        try:
+            for _ in range(step.give_up_bytes // len(event)):
+                await response.write(event)  # waits while the client does not read
+        except ConnectionResetError:  # the client hung up
+            seen.aborted = True
+            raise asyncio.CancelledError from None  # (aiohttp's quiet way to end a handler)
         return response
 
 

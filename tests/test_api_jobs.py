@@ -28,7 +28,11 @@ async def test_submit_answers_202_with_location_and_runs_to_success(live: LiveGa
     assert done["upstream"] == "scripted"
     output = done["output"]
     assert output["object"] == "chat.completion"
-    assert output["choices"][0]["message"] == {"role": "assistant", "content": "echo: hi there"}
+    assert output["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "echo: hi there",
+        "refusal": None,
+    }  # reassembled from the stream, in OpenAI's exact shape
     assert output["choices"][0]["finish_reason"] == "stop"
     assert output["usage"]["completion_tokens"] == 4
     assert done["started_at"] is not None and done["finished_at"] is not None

@@ -15,7 +15,10 @@ import pytest
 import sqlalchemy as sa
 from standardwebhooks.webhooks import Webhook
 
+import hookline.batches.format
+import hookline.batches.service
 from hookline.config import BatchesConfig, Settings
+from hookline.errors import StoreUnavailable
 from hookline.store.schema import batches, jobs
 from tests.conftest import LiveGateway, gateway_settings, serve
 from tests.scripted_upstream import Reply, ScriptedUpstream, Status
@@ -129,7 +132,7 @@ async def test_every_line_is_checked_and_a_bad_batch_runs_nothing(live: LiveGate
         _line(0),
         "{not json",
         _line(0),  # the custom_id again
-        _line(3, url="/v1/images/generations"),
+        _line(3, url="/v1/audio/speech"),  # (no batch endpoint)
         _line(4, model="no-such-model"),
         json.dumps({"custom_id": "c5", "method": "POST", "url": "/v1/chat/completions"}),
     ]
@@ -332,7 +335,7 @@ async def test_a_batch_past_its_window_expires_with_partial_results(
             sa.update(batches).where(batches.c.id == batch["id"]).values(expires_at=1),
             sa.update(jobs).where(jobs.c.batch_id == batch["id"]).values(expires_at=1),
         ]
-        await live.gateway.store.database.write(
+        await live.gateway.database.write(
             lambda conn: [conn.execute(statement) for statement in passed]
         )
         done = await _wait(live, batch["id"])
@@ -369,3 +372,201 @@ async def test_progress_is_throttled_and_reaches_the_tenant_stream(
     assert [e["type"] for e in events][-1] == "batch.completed"
     assert sum(e["type"] == "batch.completed" for e in events) == 1
     assert tenant.messages[0].json()["data"]["id"] == batch["id"]
+
+
+def _nested(depth: int) -> Any:
+    """A value ``depth`` containers deep (the list holding it counts as one)."""
+    value: Any = "deep"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _with_body(i: int, **extra_body: Any) -> str:
+    body = {"model": "m", "messages": [{"role": "user", "content": f"item {i}"}], **extra_body}
+    return json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                       "body": body})  # fmt: skip
+
+
+async def test_hostile_lines_fail_the_batch_with_a_problem_per_line(live: LiveGateway) -> None:
+    # Each line here was once accepted by validation and then broke the items' write: a 500,
+    # and a batch left `validating` for ever.
+    lines = [
+        _with_body(0, extra=_nested(300)),
+        _with_body(1, extra=_nested(70)),
+        _with_body(2, seed=2**63),
+        _with_body(3, seed=-(2**63) - 1),
+        _with_body(4, user="a\u0000b"),  # PostgreSQL keeps no NUL in JSON
+        _line(5, model="m" * 300),
+        _with_body(6, extra=_nested(60), seed=2**63 - 1, user="12345678901234567890"),  # fine
+    ]
+    created = await live.client.post(
+        "/v1/batches", content="\n".join(lines).encode(),
+        headers={"Content-Type": "application/jsonl"},
+    )  # fmt: skip
+    assert created.status_code == 200, created.text
+    batch = created.json()
+    assert batch["status"] == "failed" and batch["failed_at"]
+    errors = {(e["line"], e["code"]) for e in batch["errors"]["data"]}
+    assert errors == {
+        (1, "nesting_too_deep"),
+        (2, "nesting_too_deep"),
+        (3, "integer_out_of_range"),
+        (4, "integer_out_of_range"),
+        (5, "invalid_character"),
+        (6, "invalid_body"),
+    }
+    assert all(f"line {e['line']}" in e["message"] for e in batch["errors"]["data"])
+    assert (await live.client.get("/v1/jobs")).json()["data"] == []
+    events = (await live.client.get(f"/v1/batches/{batch['id']}/events")).json()["data"]
+    assert [e["type"] for e in events] == ["batch.failed"]
+    assert (await _get(live, batch["id"]))["status"] == "failed"
+
+
+async def test_a_line_longer_than_a_request_may_be_is_a_problem(
+    database_url: str, upstream: ScriptedUpstream
+) -> None:
+    settings = gateway_settings(database_url, upstream.base_url, jobs={"max_body_bytes": 4096})
+    async with serve(settings) as live:
+        huge = _with_body(1, user="x" * 5000)
+        batch = await _submit(live, f"{_line(0)}\n{huge}\n{_line(2)}".encode())
+    assert batch["status"] == "failed"
+    assert [(e["line"], e["code"]) for e in batch["errors"]["data"]] == [(2, "line_too_large")]
+
+
+async def test_a_refused_batch_leaves_nothing_behind(live: LiveGateway) -> None:
+    live.gateway.settings.batches.max_lines = 3
+    jsonl = {"Content-Type": "application/jsonl"}
+    refused: list[dict[str, Any]] = [
+        {"completion_window": "abc"},
+        {"completion_window": "24h\n"},
+        {"metadata": "notjson"},
+        {"metadata": json.dumps({f"k{i}": "v" for i in range(17)})},
+        {"metadata": json.dumps({"k": "v" * 513})},
+        {"webhook_url": "ftp://example.com/hook"},
+        {"endpoint": "/v1/audio/speech"},
+    ]
+    for params in refused:
+        answer = await live.client.post(
+            "/v1/batches", content=_jsonl(2), params=params, headers=jsonl
+        )
+        assert answer.status_code == 422, (params, answer.text)
+        multipart = await live.client.post(
+            "/v1/batches", files={"file": ("in.jsonl", _jsonl(2))}, data=params
+        )
+        assert multipart.status_code == 422, (params, multipart.text)
+    too_many = await live.client.post("/v1/batches", content=_jsonl(4), headers=jsonl)
+    assert too_many.status_code == 422
+    assert (await live.client.get("/v1/files")).json()["data"] == []
+    assert (await live.client.get("/v1/batches")).json()["data"] == []
+    # A file uploaded before and named by id is the caller's: a refused batch leaves it be.
+    uploaded = (await live.client.post(
+        "/v1/files", files={"file": ("a.jsonl", _jsonl(4))}, data={"purpose": "batch"}
+    )).json()  # fmt: skip
+    for body in ({"input_file_id": uploaded["id"]},
+                 {"input_file_id": uploaded["id"], "metadata": {f"k{i}": "v" for i in range(17)}},
+                 {"input_file_id": uploaded["id"], "completion_window": "abc"}):  # fmt: skip
+        assert (await live.client.post("/v1/batches", json=body)).status_code == 422
+    assert [f["id"] for f in (await live.client.get("/v1/files")).json()["data"]] == [
+        uploaded["id"]
+    ]
+    assert (await live.client.get("/v1/batches")).json()["data"] == []
+
+
+async def test_a_batch_whose_items_cannot_be_written_is_not_created(
+    live: LiveGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = live.gateway.queue
+    real_add_items = queue.add_items
+    writes = 0
+
+    async def failing_add_items(items: Any) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == 2:
+            raise StoreUnavailable("database unavailable: the disk is full")
+        await real_add_items(items)
+
+    monkeypatch.setattr(queue, "add_items", failing_add_items)
+    answer = await live.client.post(
+        "/v1/batches", content=_jsonl(700), headers={"Content-Type": "application/jsonl"}
+    )
+    assert answer.status_code == 503
+    assert writes == 2  # the first 500 items were written, then taken back
+    assert (await live.client.get("/v1/batches")).json()["data"] == []
+    assert (await live.client.get("/v1/files")).json()["data"] == []
+    counts = sa.select(sa.func.count()).select_from(jobs)
+    assert await live.gateway.database.read(lambda conn: conn.execute(counts).scalar()) == 0
+
+
+async def _stuck_batch(live: LiveGateway, content: bytes) -> str:
+    """A batch left `validating` by a process that died (or failed) while writing its items,
+    with input that validation never saw."""
+    service = live.gateway.batches
+    uploaded = (await live.client.post(
+        "/v1/files", files={"file": ("a.jsonl", content)}, data={"purpose": "batch"}
+    )).json()  # fmt: skip
+    now = service.clock.now_ms()
+    batch_id = "batch_stuck0000000000000000"
+    row: dict[str, Any] = {
+        "id": batch_id, "tenant": "acme", "status": "validating",
+        "endpoint": "/v1/chat/completions", "input_file_id": uploaded["id"],
+        "output_file_id": None, "error_file_id": None, "completion_window": "24h",
+        "metadata": None, "errors": None, "item_events": [], "total": content.count(b"\n"),
+        "completed": 0, "failed": 0, "lines_queued": 0, "created_at": now - 60_000,
+        "updated_at": now - 60_000, "expires_at": now + 3_600_000, "in_progress_at": None,
+        "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
+        "cancelling_at": None, "cancelled_at": None, "progress_at": None,
+        "lease_token": None, "lease_expires_at": None,
+    }  # fmt: skip
+    await service.store.insert_batch(row, service._anchor("acme", batch_id, now, None))
+    return batch_id
+
+
+@pytest.mark.parametrize("flaw", ["unwritable_line", "deleted_file"])
+async def test_a_batch_that_cannot_be_queued_ends_failed(
+    database_url: str,
+    upstream: ScriptedUpstream,
+    flaw: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fast = FAST_BATCHES.model_copy(update={"lease_seconds": 0.5})
+    monkeypatch.setattr(hookline.batches.service, "_ITEMS_PER_WRITE", 1)  # line 1 is written alone
+    async with serve(gateway_settings(database_url, upstream.base_url, batches=fast)) as live:
+        if flaw == "unwritable_line":
+            content = f"{_line(0)}\n{_with_body(1, extra=_nested(300))}\n".encode()
+        else:
+            content = _jsonl(3)
+        batch_id = await _stuck_batch(live, content)
+        if flaw == "deleted_file":
+            batch = await live.gateway.store.batches.get_batch(batch_id)
+            assert batch is not None
+            assert await live.gateway.store.batches.delete_file("acme", batch.input_file_id)
+        done = await _wait(live, batch_id, timeout=10)
+        # The row ends first, then its event is written: wait for the event.
+        stream = await read_sse(live.client, f"/v1/batches/{batch_id}/events")
+        events = (await live.client.get(f"/v1/batches/{batch_id}/events")).json()["data"]
+        jobs_left = (await live.client.get("/v1/jobs")).json()["data"]
+    assert done["status"] == "failed" and done["failed_at"]
+    [error] = done["errors"]["data"]
+    assert error["code"] == "batch_not_queued"
+    assert [m.event for m in stream.messages] == ["batch.failed"]
+    assert [e["type"] for e in events] == ["batch.failed"]
+    # What was written before the failure does not stay queued.
+    assert len(jobs_left) == (1 if flaw == "unwritable_line" else 0)
+    assert all(job["status"] in ("cancelled", "succeeded") for job in jobs_left)
+    assert sum("cannot be queued" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("size", range(1, 32))
+async def test_the_line_reader_numbers_lines_and_never_holds_a_long_one(size: int) -> None:
+    text = b"ab\n\n  \ncdef\nxyzxyzxyzxyz\ng"  # (a blank line, a line of spaces, one too long)
+    pieces = [text[i : i + size] for i in range(0, len(text), size)]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    lines = [line async for line in hookline.batches.format.read_lines(chunks(), max_line=6)]
+    assert lines == [(1, b"ab"), (4, b"cdef"), (5, None), (6, b"g")]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +14,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from hookline.relay import relay_directory
+from hookline.live.relay import relay_directory
 from tests.processes import GatewayProcess, hookline, write_config
 from tests.scripted_upstream import Hang, Reply, ScriptedUpstream, Threaded
 from tests.webhook_receiver import Answer, WebhookReceiver
@@ -60,8 +63,17 @@ def test_keys_submit_wait_list_show(tmp_path: Path, env: dict[str, str]) -> None
         job = json.loads(raw.stdout)
         assert job["status"] == "succeeded" and job["output"]["choices"][0]["text"] == "echo: p"
 
+        image = hookline(
+            "submit", "-o", "images.generations", "--model", "m", "--prompt", "a cat",
+            "--wait", "--json", env=client_env,
+        )  # fmt: skip
+        assert image.returncode == 0, image.stderr
+        assert json.loads(image.stdout)["output"]["data"], image.stdout
+        declared = hookline("submit", "-o", "rerank", "--model", "m", env=client_env)
+        assert declared.returncode == 2 and "--file" in declared.stderr
+
         listed = json.loads(hookline("jobs", "list", "--json", env=client_env).stdout)
-        assert listed["data"][0]["id"] == job["id"] and len(listed["data"]) == 2
+        assert listed["data"][1]["id"] == job["id"] and len(listed["data"]) == 3
         table = hookline("jobs", "list", env=client_env)
         assert job["id"] in table.stdout and "succeeded" in table.stdout
         shown = hookline("jobs", "show", job["id"], env=client_env)
@@ -120,10 +132,10 @@ def test_restart_with_100_queued_jobs_finishes_them_all(
 
 
 def test_api_and_worker_as_separate_processes(tmp_path: Path, env: dict[str, str]) -> None:
-    assert hookline("migrate", env=env).returncode == 0
+    assert hookline("migrate", env=env).returncode == 0  # as docs/recipes.md runs them
     key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
-    api = GatewayProcess("api", env, tmp_path)
-    worker = GatewayProcess("worker", env, tmp_path)
+    api = GatewayProcess("api", env, tmp_path, args=("--no-migrate",))
+    worker = GatewayProcess("worker", env, tmp_path, args=("--no-migrate",))
     try:
         api.start()
         with httpx.Client(
@@ -428,3 +440,225 @@ def test_jobs_tail_prints_output_live_then_the_status(
     assert tail.stdout.strip() == text.strip()
     assert f"{job} succeeded" in tail.stderr
     assert missing.returncode == 1 and "404" in missing.stderr
+
+
+def test_dev_mode_sends_webhooks_to_localhost_and_says_so_once(
+    tmp_path: Path, threaded_upstream: ScriptedUpstream
+) -> None:
+    config = write_config(tmp_path / "dev.toml", threaded_upstream.base_url, allowed_networks=())
+    env = {
+        "HOOKLINE_CONFIG": str(config),
+        "HOOKLINE_DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}",
+    }
+    key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    with Threaded(WebhookReceiver()) as receiver:
+        hook = {"url": receiver.url().replace("127.0.0.1", "localhost")}
+        production = GatewayProcess("serve", env, tmp_path)
+        try:
+            production.start()
+            refused = httpx.post(
+                f"{production.url}/v1/jobs", json={**CHAT, "webhook": hook}, headers=headers
+            )
+        finally:
+            production.stop()
+        assert refused.status_code == 422, refused.text
+        assert "hookline serve --dev" in refused.json()["detail"]  # the refusal says what to do
+        assert "development mode" not in production.log.read_text()
+
+        dev = GatewayProcess("serve", {**env, "HOOKLINE_DEV": "1"}, tmp_path)  # --dev's twin
+        try:
+            dev.start()
+            with httpx.Client(base_url=dev.url, headers=headers, timeout=30) as client:
+                secret = client.get("/v1/webhook-secret").json()["secret"]
+                job = client.post("/v1/jobs", json={**CHAT, "webhook": hook}).json()
+                deadline = time.monotonic() + 20
+                while not receiver.at("/hook"):
+                    assert time.monotonic() < deadline, "the webhook never came"
+                    time.sleep(0.05)
+        finally:
+            dev.stop()
+    [message] = receiver.at("/hook")
+    assert Webhook(secret).verify(message.body, message.headers)["data"]["id"] == job["id"]
+    assert dev.log.read_text().count("development mode: webhooks may go to loopback") == 1
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_keys_list_and_a_revocation_every_api_process_obeys_at_once(
+    tmp_path: Path, env: dict[str, str], database: str, request: pytest.FixtureRequest
+) -> None:
+    if database == "postgresql":
+        env = {**env, "HOOKLINE_DATABASE_URL": request.getfixturevalue("postgres_url")}
+    made = hookline("keys", "create", "--tenant", "demo", "--name", "laptop", "--json", env=env)
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    key = created["key"]
+    assert created["name"] == "laptop" and created["expires_at"] is None
+    hookline("keys", "create", "--tenant", "ops", "--admin", "--expires-in", "90d", env=env)
+    listed = hookline("keys", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    header, *lines = listed.stdout.splitlines()
+    assert header.split() == ["id", "tenant", "name", "prefix", "created", "expires", "last",
+                              "used"]  # fmt: skip
+    assert lines[0].split()[:4] == [created["id"], "demo", "laptop", f"{key[:10]}…"]
+    assert "(admin)" in lines[1] and lines[1].split()[-1] == "never"  # never used yet
+
+    processes = [GatewayProcess("api", env, tmp_path) for _ in range(2)]  # two API processes
+    try:
+        for process in processes:
+            process.start()
+        clients = [
+            httpx.Client(base_url=p.url, headers={"Authorization": f"Bearer {key}"})
+            for p in processes
+        ]
+        assert [c.get("/v1/jobs").status_code for c in clients] == [200, 200]  # cached in each
+        revoked = hookline("keys", "revoke", created["id"], env=env)
+        assert revoked.returncode == 0, revoked.stderr
+        assert revoked.stdout.strip() == f"revoked {created['id']} (demo, laptop)"
+        first = statuses = [c.get("/v1/jobs").status_code for c in clients]
+        deadline = time.monotonic() + 1  # well within the cache time (2 s): the announcement
+        while statuses != [401, 401] and time.monotonic() < deadline:
+            time.sleep(0.02)
+            statuses = [c.get("/v1/jobs").status_code for c in clients]
+        assert statuses == [401, 401]
+        if database == "sqlite":  # the mark file is read on every request: no wait at all
+            assert first == [401, 401]
+        for client in clients:
+            client.close()
+    finally:
+        for process in processes:
+            process.stop()
+    again = hookline("keys", "revoke", key, env=env)  # the key itself works as well as its id
+    assert again.returncode == 0 and "revoked already" in again.stdout
+    everything = json.loads(hookline("keys", "list", "--all", "--json", env=env).stdout)["data"]
+    assert [k["status"] for k in everything] == ["revoked", "active"]
+    assert everything[0]["last_used_at"] is not None
+    unknown = hookline("keys", "revoke", "key_nope", env=env)
+    assert unknown.returncode == 1 and "keys list" in unknown.stderr
+
+
+class CuttingProxy:
+    """A loopback TCP proxy to ``target`` that cuts the first event stream after ``cut_after``
+    bytes of its answer, as a dropped connection would."""
+
+    def __init__(self, target: tuple[str, int], cut_after: int) -> None:
+        self.target, self.cut_after = target, cut_after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.streams = 0  # event-stream requests seen
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(self.target)
+                cut = threading.Event()  # this connection's answer is to be cut
+                for source, sink, requests in ((client, upstream, True), (upstream, client, False)):
+                    threading.Thread(
+                        target=self._pump, args=(source, sink, requests, cut), daemon=True
+                    ).start()
+
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, requests: bool, cut: threading.Event
+    ) -> None:
+        answered = 0  # bytes of the cut stream's answer passed on
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if requests and b"text/event-stream" in data.lower():
+                    self.streams += 1
+                    if self.cuts == 0:
+                        self.cuts += 1
+                        cut.set()
+                if not requests and cut.is_set():
+                    if answered + len(data) > self.cut_after:
+                        sink.sendall(data[: self.cut_after - answered])
+                        break
+                    answered += len(data)
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_submit_stream_prints_every_token_once_across_a_dropped_connection(
+    tmp_path: Path, env: dict[str, str], threaded_upstream: ScriptedUpstream
+) -> None:
+    text = "".join(f"t{i} " for i in range(12))
+    threaded_upstream.script("m", Reply(text=text, chunks=12, token_delay=0.1))
+    key = hookline("keys", "create", "--tenant", "demo", env=env).stdout.strip()
+    server = GatewayProcess("serve", env, tmp_path)
+    try:
+        server.start()
+        proxy = CuttingProxy(("127.0.0.1", server.port), cut_after=1500)
+        client_env = {**env, "HOOKLINE_URL": proxy.url, "HOOKLINE_API_KEY": key}
+        streamed = hookline("submit", "--model", "m", "-m", "x", "--stream", env=client_env)
+        proxy.close()
+    finally:
+        server.stop()
+    assert streamed.returncode == 0, streamed.stderr
+    assert (proxy.cuts, proxy.streams) == (1, 2)  # cut once, then resumed
+    assert streamed.stdout.strip() == text.strip()  # nothing lost, nothing twice
+    assert "succeeded" in streamed.stderr
+
+
+def test_keys_create_stores_a_tenants_weight_that_its_config_entry_may_override(
+    tmp_path: Path, database_url: str
+) -> None:
+    """``keys create --weight`` stores the tenant's weight; a [[tenants]] entry that sets one
+    wins (and the command says so), an entry that sets only limits keeps the stored one."""
+    config = tmp_path / "hookline.toml"
+    config.write_text(
+        "local_model = false\n"
+        '[[tenants]]\nname = "pinned"\nweight = 2\n'
+        '[[tenants]]\nname = "capped"\nmax_concurrency = 5\n'
+    )
+    env = {"HOOKLINE_CONFIG": str(config), "HOOKLINE_DATABASE_URL": database_url}
+    made = hookline("keys", "create", "--tenant", "acme", "--weight", "3", env=env)
+    assert made.returncode == 0 and made.stdout.startswith("hk_"), made.stderr
+    assert made.stderr == ""
+    assert (
+        hookline("keys", "create", "--tenant", "capped", "--weight", "4", env=env).returncode == 0
+    )
+    pinned = hookline("keys", "create", "--tenant", "pinned", "--weight", "5", env=env)
+    assert pinned.returncode == 0, pinned.stderr
+    assert "[[tenants]] entry of pinned sets weight = 2, which wins" in pinned.stderr
+    refused = hookline("keys", "create", "--tenant", "acme", "--weight", "0", env=env)
+    assert refused.returncode == 2 and "weight" in refused.stderr
+    listed = hookline("tenants", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["tenant"]: row for row in map(json.loads, listed.stdout.splitlines())}
+    assert {name: row["weight"] for name, row in rows.items()} == {
+        "acme": 3, "capped": 4, "pinned": 2,
+    }  # fmt: skip
+    assert rows["capped"]["max_concurrency"] == 5
+
+
+def test_keys_create_gives_a_key_limits_of_its_own(tmp_path: Path, database_url: str) -> None:
+    """``keys create --max-concurrency … --daily-token-budget …`` stores the key's own limits,
+    which ``keys list`` shows; a limit below 1 is refused."""
+    config = tmp_path / "hookline.toml"
+    config.write_text("local_model = false\n")
+    env = {"HOOKLINE_CONFIG": str(config), "HOOKLINE_DATABASE_URL": database_url}
+    made = hookline(
+        "keys", "create", "--tenant", "acme", "--name", "ci", "--max-concurrency", "2",
+        "--requests-per-minute", "60", "--tokens-per-minute", "50000",
+        "--daily-token-budget", "1000000", "--json", env=env,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["limits"] == {
+        "max_concurrency": 2, "requests_per_minute": 60, "tokens_per_minute": 50_000,
+        "daily_token_budget": 1_000_000,
+    }  # fmt: skip
+    plain = hookline("keys", "create", "--tenant", "acme", "--json", env=env)
+    assert json.loads(plain.stdout)["limits"] == {}
+    listed = hookline("keys", "list", "--tenant", "acme", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "concurrency=2 rpm=60 tpm=50000 daily=1000000" in listed.stdout
+    refused = hookline("keys", "create", "--tenant", "acme", "--max-concurrency", "0", env=env)
+    assert refused.returncode == 2 and "--max-concurrency" in refused.stderr

@@ -1,4 +1,4 @@
-"""hookline.Client and hookline.AsyncClient against a live hookline on SQLite.
+"""hookline.client.Client and AsyncClient against a live hookline on SQLite.
 
 Faults the client must survive (a response lost after the server acted, a stream cut mid-way)
 are made by a transport that forwards to the real server and then drops what came back."""
@@ -6,7 +6,10 @@ are made by a transport that forwards to the real server and then drops what cam
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from hookline import (
+from hookline.client import (
     AsyncClient,
     AuthError,
     Client,
@@ -24,8 +27,9 @@ from hookline import (
     RateLimited,
     TextDelta,
     Timeout,
+    _core,
 )
-from hookline.client import _raise_for
+from hookline.client.errors import raise_for_status
 from tests.conftest import LiveGateway, gateway_settings, serve
 from tests.scripted_upstream import Hang, Reply, ScriptedUpstream, Status
 
@@ -140,7 +144,9 @@ async def test_exceptions(
             await stranger.get(job.id)
     request = httpx.Request("GET", "http://127.0.0.1/")
     with pytest.raises(RateLimited) as limited:
-        _raise_for(httpx.Response(429, headers={"Retry-After": "7"}, json={}, request=request))
+        raise_for_status(
+            httpx.Response(429, headers={"Retry-After": "7"}, json={}, request=request)
+        )
     assert limited.value.retry_after == 7
 
 
@@ -209,3 +215,73 @@ async def test_the_blocking_client(live: LiveGateway, monkeypatch: pytest.Monkey
     done_text, streamed, listed, results = await asyncio.to_thread(use)
     assert done_text == streamed == "echo: hello there"
     assert listed == 2 and results == 1  # the job and the batch's item
+
+
+def _imported_by(statement: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after ``statement``."""
+    code = f"{statement}; import json, sys; print(json.dumps(sorted(sys.modules)))"
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(json.loads(ran.stdout))
+
+
+SERVER_LIBRARIES = {
+    "fastapi",
+    "starlette",
+    "sqlalchemy",
+    "pydantic",
+    "aiohttp",
+    "orjson",
+    "uvicorn",
+}
+
+
+def test_the_client_imports_nothing_of_the_server() -> None:
+    loaded = _imported_by("import hookline.client, hookline.client.listen")
+    ours = {name for name in loaded if name == "hookline" or name.startswith("hookline.")}
+    assert ours - {"hookline", "hookline._version"} == {
+        name for name in ours if name.startswith("hookline.client")
+    }
+    assert not loaded & SERVER_LIBRARIES
+    # The server loads neither the client nor httpx.
+    server = _imported_by("import hookline.gateway, hookline.api")
+    assert "httpx" not in server and not any(n.startswith("hookline.client") for n in server)
+    # `from hookline import Client`, as before the client had its package, loads it then only.
+    assert "httpx" not in _imported_by("import hookline")
+    assert "hookline.client" in _imported_by("from hookline import Client")
+    # `hookline.Job` would be a second meaning of the server's hookline.jobs.Job: there is none.
+    import hookline
+
+    with pytest.raises(AttributeError):
+        hookline.Job  # noqa: B018
+
+
+def test_listen_forwards_job_events_with_the_job_as_the_server_does() -> None:
+    from hookline import deliveries
+    from hookline.client import listen
+
+    assert listen.JOB_STATE_EVENT_TYPES == deliveries.JOB_STATE_EVENT_TYPES
+
+
+async def test_both_clients_run_the_same_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries of a 503 and of a lost answer; a long-poll's request waits longer than its wait."""
+    monkeypatch.setattr(_core, "backoff", lambda attempt: 0.0)
+    job = {"id": "job_1", "status": "succeeded", "operation": "completions", "model": "m"}
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) % 3 == 1:
+            return httpx.Response(503, json={"detail": "busy"})
+        if len(seen) % 3 == 2:
+            raise httpx.ConnectError("refused (injected)", request=request)
+        return httpx.Response(200, json=job)
+
+    transport = httpx.MockTransport(answer)
+    with Client("http://gw", "hk_x", http_client=httpx.Client(transport=transport)) as client:
+        assert client.wait("job_1", timeout=5).status == "succeeded"
+    async with AsyncClient(
+        "http://gw", "hk_x", http_client=httpx.AsyncClient(transport=transport)
+    ) as aclient:
+        assert (await aclient.wait("job_1", timeout=5)).status == "succeeded"
+    assert len(seen) == 6
+    assert all(r.extensions["timeout"]["read"] == 30.0 + int(r.url.params["wait"]) for r in seen)

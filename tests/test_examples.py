@@ -1,17 +1,22 @@
-"""The receivers in examples/ run against a live hookline and accept its signed messages."""
+"""The examples: the receivers accept hookline's signed messages, and every example runs as its
+docstring says, as a command, against a real ``hookline serve --dev``."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
 from examples import (
     batch,
+    by_hand_polling,
     openai_sdk,
     receiver_django,
     receiver_fastapi,
@@ -22,6 +27,7 @@ from examples import (
 from werkzeug.serving import make_server
 
 from tests.conftest import LiveGateway, wait_for_status
+from tests.shell import ROOT, Terminal, gateway_terminal
 
 CHAT = {
     "operation": "chat.completions",
@@ -146,3 +152,91 @@ async def test_stream_batch_and_openai_examples(live: LiveGateway, client_env: N
     assert answers == {"q0": "echo: one", "q1": "echo: two"}
     said = await asyncio.to_thread(openai_sdk.main, "m")
     assert said == "echo: Say hello."
+
+
+# --- each example as its docstring says to run it, against a real `hookline serve --dev`
+
+
+def docstring_commands(example: Path) -> list[str]:
+    """The commands in the example's docstring: its lines indented by four spaces."""
+    text = ast.get_docstring(ast.parse(example.read_text()), clean=True) or ""
+    return [line.strip() for line in text.splitlines() if line.startswith("    ")]
+
+
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if p.name != "__init__.py")
+RECEIVERS = ["receiver_fastapi.py", "receiver_flask.py", "receiver_django.py"]
+# What each example prints when it works (the scripted upstream echoes the last message).
+PRINTS = {
+    "stream_with_resume.py": "echo: Tell me a short story.",
+    "batch.py": "q1: echo: Capital of France?",
+    "openai_sdk.py": "echo: Say hello.",
+}
+
+
+def test_every_example_says_how_to_run_it() -> None:
+    runnable = {p.name for p in EXAMPLES if docstring_commands(p)}
+    # Two are read rather than run: by_hand_polling.py is a comparison (docs/client.md, run by
+    # test_by_hand_polling), sink_consumers.py a module of consumers (docs/sinks.md, run by
+    # tests/test_sinks.py against the real brokers).
+    assert runnable | {"by_hand_polling.py", "sink_consumers.py"} == {p.name for p in EXAMPLES}
+    assert set(RECEIVERS) | set(PRINTS) | {"submit_and_webhook.py"} == runnable
+
+
+def _until(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def terminal(tmp_path: Path) -> Iterator[Terminal]:
+    (tmp_path / "examples").symlink_to(ROOT / "examples")  # the checkout's folder, as it were
+    with gateway_terminal(tmp_path) as terminal:
+        made = terminal.run(
+            "export HOOKLINE_API_KEY=$(.venv/bin/hookline keys create --tenant demo)"
+        )
+        assert made.returncode == 0, made.stderr
+        yield terminal
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_a_receiver_run_as_written_gets_the_webhook_sent_as_written(
+    terminal: Terminal, receiver: str
+) -> None:
+    [serve] = docstring_commands(ROOT / "examples" / receiver)
+    [send] = docstring_commands(ROOT / "examples" / "submit_and_webhook.py")
+    process, log = terminal.start(f"{serve}")
+    port = terminal.receiver_port
+    _until(lambda: _listening(port), f"{receiver} never listened:\n{log.read_text()}")
+    sent = terminal.run(send)
+    assert sent.returncode == 0, sent.stderr
+    job_id = sent.stdout.split()[1].rstrip(";")
+    _until(
+        lambda: f"verified job.succeeded of {job_id}" in log.read_text(),
+        f"{receiver} got no verified webhook:\n{log.read_text()}",
+    )
+    assert process.poll() is None
+
+
+@pytest.mark.parametrize("example", sorted(PRINTS))
+def test_an_example_run_as_written_prints_its_answer(terminal: Terminal, example: str) -> None:
+    [command] = docstring_commands(ROOT / "examples" / example)
+    ran = terminal.run(command)
+    assert ran.returncode == 0, ran.stderr
+    assert PRINTS[example] in ran.stdout
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_by_hand_polling(live: LiveGateway) -> None:
+    # The comparison's code works against any OpenAI-compatible server: hookline's facade is one.
+    done: list[dict[str, Any]] = []
+    body = {"model": "m", "messages": [{"role": "user", "content": "by hand"}]}
+    thread = by_hand_polling.submit(f"{live.base_url}/v1", live.api_key, body, done.append, print)
+    await asyncio.to_thread(thread.join, 30)
+    assert done[0]["choices"][0]["message"]["content"] == "echo: by hand"

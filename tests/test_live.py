@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from hookline.events import Event, EventType
 from hookline.jobs import JobStatus
-from hookline.live import BadResumeToken, LiveDelta, LiveHub, StreamCursor
+from hookline.live.hub import BadResumeToken, LiveDelta, LiveHub, StreamCursor
+from hookline.live.notify import TENANT_ACCEPTED, Notifier
 from hookline.worker import RunningJob
 from tests.test_store import make_job
 
@@ -82,7 +83,7 @@ class Watcher:
             self.last_id = cursor.token()
 
     def read(self, cursor: StreamCursor, messages: list[object], log: list[Event]) -> None:
-        """As :func:`hookline.streams.job_stream` does: a gap in seq is filled from the log."""
+        """As :func:`hookline.delivery.streams.job_stream` does: a gap in seq is filled from the log."""
         for message in messages:
             if isinstance(message, Event):
                 for missed in log[cursor.seq : message.seq - 1]:
@@ -194,3 +195,37 @@ async def test_text_held_during_an_accept_is_shown_exactly_when_a_flush_comes_fi
     watcher.read(cursor, subscription.drain(), producer.log)  # type: ignore[attr-defined]
     assert watcher.done
     assert "".join(watcher.texts) == "Hello"
+
+
+def test_a_finished_job_is_kept_for_its_watchers_only_while_they_watch() -> None:
+    hub = LiveHub()
+    job = make_job(status=JobStatus.RUNNING).evolve(
+        status=JobStatus.SUCCEEDED, output={"text": "x" * 1000}
+    )
+    subscription, _ = hub.watch_job(job.id)
+    end = Event(1, job.id, job.tenant, 1, EventType.SUCCEEDED, {"attempt": 1}, 0)
+    hub.publish_events([end], job=job)
+    subscription.close()  # a watcher that left without taking it (an SSE client)
+    assert hub.finished(job.id) is None  # not held, output and all, for a thousand more jobs
+    taker, _ = hub.watch_job(job.id)
+    hub.publish_events([end], job=job)
+    assert hub.finished(job.id) is job  # (the facade takes it while it still watches)
+    taker.close()
+
+
+async def test_an_accept_nudges_only_its_tenants_streams_and_at_a_pace() -> None:
+    hub, notifier = LiveHub(), Notifier()
+    hub.wake_tenants_on(notifier, TENANT_ACCEPTED, pace=0.2)
+    mine, theirs = hub.watch_tenant("acme"), hub.watch_tenant("other")
+    notifier.publish(TENANT_ACCEPTED, "acme")
+    await asyncio.sleep(0.01)
+    assert mine.nudged and not theirs.nudged  # every stream of every tenant, before
+    mine.nudged = False
+    for _ in range(10):  # a burst within the pace: one more nudge, at its end
+        notifier.publish(TENANT_ACCEPTED, "acme")
+    await asyncio.sleep(0.05)
+    assert not mine.nudged
+    await asyncio.sleep(0.25)
+    assert mine.nudged and not theirs.nudged
+    mine.close()
+    theirs.close()

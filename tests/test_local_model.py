@@ -1,10 +1,14 @@
-"""The bundled SmolLM2 model as upstream ``local``: the quickstart's happy path, for real."""
+"""The bundled SmolLM2 model as upstream ``local``: the quickstart's happy path, for real, and
+what it does once closed."""
 
 from __future__ import annotations
 
 import pytest
 
-from hookline.config import Settings, local_model_available, with_local_upstream
+from hookline.config import Settings, UpstreamConfig, local_model_available, with_local_upstream
+from hookline.jobs import Operation
+from hookline.upstreams.base import UpstreamError
+from hookline.upstreams.llama import LlamaUpstream
 from tests.conftest import REQUIRE_SERVICES, serve, wait_for_status
 
 pytestmark = pytest.mark.local_model
@@ -17,6 +21,17 @@ def _needs_local_extra() -> None:
         if REQUIRE_SERVICES:
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+async def test_a_closed_local_model_refuses_to_run() -> None:
+    upstream = LlamaUpstream(UpstreamConfig(name="local", type="llama_cpp"))
+    await upstream.close()
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+    with pytest.raises(UpstreamError, match="upstream 'local' is closed") as refused:
+        await upstream.run(Operation.CHAT_COMPLETIONS, body, lambda index, text: None)
+    assert refused.value.type == "upstream_closed" and refused.value.retryable
+    with pytest.raises(UpstreamError, match="upstream 'local' is closed"):
+        await upstream.start()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

@@ -248,9 +248,11 @@ async def test_upstream_errors_come_back_in_openai_format(
 
 async def test_bad_requests_get_problem_json_with_an_openai_error(live: LiveGateway) -> None:
     cases: list[tuple[dict[str, Any], int]] = [
-        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422),
+        # The same answers as /v1/jobs: 400 for a body that is not JSON, 415 for another type.
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
+        ({"content": b"", "headers": {"content-type": "application/json"}}, 400),
         ({"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 422),
-        ({"content": b"model=x", "headers": {"content-type": "text/plain"}}, 422),
+        ({"content": b"model=x", "headers": {"content-type": "text/plain"}}, 415),
         ({"json": {"messages": MESSAGES}}, 422),  # no model
         ({"json": {"model": "echo-1"}}, 422),  # no messages
         ({"json": {"model": "echo-1", "messages": "nope"}}, 422),

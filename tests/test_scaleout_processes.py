@@ -24,6 +24,8 @@ from tests.processes import GatewayProcess, hookline, write_config
 from tests.scripted_upstream import Reply, ScriptedUpstream, Threaded
 from tests.webhook_receiver import WebhookReceiver
 
+pytestmark = pytest.mark.fault  # part of the fault suite (docs/reliability.md)
+
 CHAT = {
     "operation": "chat.completions",
     "model": "m",

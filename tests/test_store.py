@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from hookline.errors import InvalidRequest, StoreUnavailable
+from hookline.errors import InvalidRequest, StoreError, StoreUnavailable
 from hookline.events import EventType, NewEvent
 from hookline.ids import new_id
 from hookline.jobs import Job, JobStatus, Operation
@@ -56,7 +56,7 @@ QUEUED = NewEvent(EventType.QUEUED, {})
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[SQLStore]:
-    store = await open_store(database_url, migrate=False)
+    store = await open_store(database_url)
     yield store
     await store.close()
 
@@ -90,6 +90,23 @@ async def test_batch_with_a_duplicate_key_inserts_the_rest(store: SQLStore) -> N
     assert await store.get_job(batch[1].id) is None
     assert (await store.find_job_by_idempotency_key("acme", "k1")) == first
     assert len(await store.list_jobs("acme")) == 3
+
+
+async def test_a_clash_other_than_a_reused_key_is_an_error_not_a_duplicate(
+    store: SQLStore,
+) -> None:
+    first = make_job(key="k1")
+    await store.insert_jobs([(first, QUEUED)])
+    for clash in (make_job(id=first.id), make_job(id=first.id, key="k2")):  # the same job id
+        with pytest.raises(StoreError):
+            await store.insert_jobs([(clash, QUEUED)])
+    with pytest.raises(StoreError):
+        await store.insert_jobs([(make_job(), QUEUED), (make_job(id=first.id), QUEUED)])
+    for clash in (make_job(id=first.id), make_job(id=first.id, key="k2")):  # one accept at a time
+        with pytest.raises(StoreError):
+            await store.accept_job(clash, [QUEUED], None)
+    assert (await store.accept_job(make_job(key="k1"), [QUEUED], None)).duplicate
+    assert await store.list_jobs("acme") == [first]  # nothing of the failed writes stayed
 
 
 async def test_claim_takes_priority_then_fifo_and_skips_future_and_expired(store: SQLStore) -> None:
@@ -152,11 +169,43 @@ async def test_transition_is_conditional_so_one_terminal_event_wins(store: SQLSt
     assert types == [EventType.QUEUED, EventType.STARTED, EventType.CANCELLED]
 
 
+async def test_a_cancelled_attempt_keeps_its_output_so_far(store: SQLStore) -> None:
+    job, other = make_job(), make_job()
+    await store.insert_jobs([(job, QUEUED), (other, QUEUED)])
+    await claim(store)
+    partial = {"object": "chat.completion", "choices": [{"index": 0, "text": "hal"}]}
+    # Not while it runs (a lease lost to a take-over), nor for an attempt that is not its last.
+    assert not await store.keep_cancelled_output(job.id, 1, partial, (3, 1), NOW)
+    await store.transition(job.id, JobStatus.CANCELLED, now=NOW, tenant="acme",
+                           events=[NewEvent(EventType.CANCELLED, {})])  # fmt: skip
+    assert not await store.keep_cancelled_output(job.id, 2, partial, None, NOW)
+    assert await store.keep_cancelled_output(job.id, 1, partial, (3, 1), NOW + 5)
+    kept = await store.get_job(job.id)
+    assert kept is not None and kept.output == partial and kept.updated_at == NOW + 5
+    assert (kept.input_tokens, kept.output_tokens) == (3, 1)
+    assert kept.status is JobStatus.CANCELLED  # and no event: job.cancelled came already
+    assert [e.type for e in await store.list_events(job.id)][-1] is EventType.CANCELLED
+    assert (await store.get_job(other.id)).output is None  # type: ignore[union-attr]
+
+
 async def test_foreign_tenant_cannot_transition(store: SQLStore) -> None:
     job = make_job()
     await store.insert_jobs([(job, QUEUED)])
     assert await store.transition(job.id, JobStatus.CANCELLED, now=NOW, tenant="globex") is None
     assert (await store.get_job(job.id)).status is JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+async def test_delete_job_takes_one_finished_job_of_its_tenant(store: SQLStore) -> None:
+    job, running = make_job(), make_job()
+    await store.insert_jobs([(job, QUEUED), (running, QUEUED)])
+    assert not await store.delete_job(job.id, "acme")  # queued: not finished
+    await store.transition(job.id, JobStatus.CANCELLED, now=NOW, changes={"finished_at": NOW},
+                           events=[NewEvent(EventType.CANCELLED, {})], tenant="acme")  # fmt: skip
+    assert not await store.delete_job(job.id, "globex")  # another tenant's
+    assert await store.delete_job(job.id, "acme")
+    assert await store.get_job(job.id) is None and await store.list_events(job.id) == []
+    assert not await store.delete_job(job.id, "acme")  # gone
+    assert await store.get_job(running.id) is not None  # the others stay
 
 
 async def test_events_need_the_current_lease(store: SQLStore) -> None:
@@ -169,6 +218,8 @@ async def test_events_need_the_current_lease(store: SQLStore) -> None:
     assert await store.append_events(job.id, "lease_b", deltas, NOW) is None
     assert len(await store.list_events(job.id)) == 4
     assert [e.seq for e in await store.list_events(job.id, after_seq=2)] == [3, 4]
+    started = await store.list_events(job.id, types=[EventType.STARTED, EventType.LOG])
+    assert [(e.seq, e.type) for e in started] == [(2, EventType.STARTED)]
 
 
 async def test_leases_renew_and_lapse(store: SQLStore) -> None:
@@ -194,12 +245,6 @@ async def test_list_is_per_tenant_newest_first_with_filters(store: SQLStore) -> 
     assert [j.id for j in await store.list_jobs("acme", operations=["embeddings"])] == [embed.id]
     assert await store.list_jobs("acme", statuses=[JobStatus.RUNNING]) == []
     assert [j.id for j in await store.list_jobs("globex")] == [jobs[5].id]
-
-
-async def test_api_keys_resolve_to_their_tenant(store: SQLStore) -> None:
-    await store.insert_api_key("key_1", "acme", "a" * 64, "hk_abc", NOW)
-    assert await store.tenant_for_key_hash("a" * 64) == "acme"
-    assert await store.tenant_for_key_hash("b" * 64) is None
 
 
 async def test_unreachable_database_is_store_unavailable() -> None:

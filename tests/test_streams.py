@@ -12,6 +12,7 @@ import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hookline.delivery import streams as delivery_streams
 from tests.conftest import LiveGateway, gateway_settings, serve, wait_for_status
 from tests.scripted_upstream import Drop, Hang, Reply, ScriptedUpstream
 from tests.sse import SSE, read_sse
@@ -281,3 +282,48 @@ async def test_upstream_failing_mid_stream_ends_the_stream_with_job_failed(
         stream = await read_sse(live.client, f"/v1/jobs/{job_id}/events")
         assert stream.messages[-1].event == "job.failed"
         assert stream.messages[-1].json()["data"]["error"]["type"]
+
+
+async def test_an_idle_tenant_stream_reads_the_store_only_when_woken(
+    database_url: str, upstream: ScriptedUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings_ = gateway_settings(database_url, upstream.base_url, upstream={"max_concurrency": 1})
+    upstream.script("blocker", Hang(30))
+    async with serve(settings_) as live:
+        store = live.gateway.store
+        reads = 0
+        read_tenant_events = store.list_tenant_events
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await read_tenant_events(*args, **kwargs)
+
+        monkeypatch.setattr(store, "list_tenant_events", counted)
+        # No safety re-read within these waits (the first at the 20 s cap, not after 1 s): only
+        # a wake-up can bring a stream its event.
+        monkeypatch.setattr(delivery_streams, "_FIRST_RESYNC", 60.0)
+        finished = asyncio.create_task(
+            read_sse(live.client, "/v1/events", params={"type": "job.succeeded"}, limit=1)
+        )
+        await asyncio.sleep(1.5)  # the stream's first read
+        reads = 0
+        await asyncio.sleep(3)
+        assert reads == 0  # polling every 0.5 s made 6
+        await submit(live, chat())
+        stream = await asyncio.wait_for(finished, 10)
+        assert stream.messages[0].event == "job.succeeded"
+        # A job accepted but left queued publishes no event: the accept wakes the stream.
+        await submit(live, chat("blocker"))
+        queued = asyncio.create_task(
+            read_sse(
+                live.client,
+                "/v1/events",
+                params={"type": "job.queued", "after": "latest"},
+                limit=1,
+            )
+        )
+        await asyncio.sleep(1.5)
+        waiting = await submit(live, chat())  # behind the blocker: max_concurrency is 1
+        stream = await asyncio.wait_for(queued, 10)
+        assert stream.messages[0].json()["job_id"] == waiting

@@ -1,4 +1,4 @@
-"""Small pure pieces: ids, stream reassembly, Retry-After, configuration, transitions."""
+"""Small pure pieces: ids, stream reassembly, Retry-After, configuration, transitions, caches."""
 
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hookline.config import load_settings
+from hookline.config import Settings, UpstreamConfig, load_settings
+from hookline.delivery.webhooks.sender import LoadingCache
 from hookline.errors import Conflict, InvalidRequest
 from hookline.httputil import parse_retry_after
 from hookline.ids import has_prefix, new_id
 from hookline.jobs import JobStatus, Operation, check_transition
-from hookline.live import LiveDelta, LiveHub
+from hookline.live.hub import LiveDelta, LiveHub
 from hookline.queue import JobQueue
 from hookline.upstreams.assembly import StreamAssembler
+from hookline.upstreams.base import UpstreamError
 from hookline.upstreams.chunk_stream import ChunkStreamParser
 from hookline.upstreams.openai import _after_first_events
 
@@ -66,7 +68,11 @@ def test_chat_reassembly_concatenates_deltas_exactly(pieces: list[str]) -> None:
         assembler.feed(chunk(piece))
     assembler.feed(chunk(finish="stop"))
     result = assembler.result()
-    assert result["choices"][0]["message"] == {"role": "assistant", "content": "".join(pieces)}
+    assert result["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "".join(pieces),
+        "refusal": None,
+    }  # (OpenAI's schema requires refusal)
     assert "".join(t for _, t in seen) == "".join(pieces)
     assert result["object"] == "chat.completion" and result["choices"][0]["finish_reason"] == "stop"
 
@@ -172,6 +178,18 @@ base_url = "http://127.0.0.1:9000/v1"
     assert settings.upstream_for("llama-3").name == "vllm"
 
 
+def test_a_copy_with_other_upstreams_routes_over_its_own() -> None:
+    first = UpstreamConfig(name="first", base_url="http://127.0.0.1:9001/v1")
+    second = UpstreamConfig(name="second", base_url="http://127.0.0.1:9002/v1")
+    settings = Settings(local_model=False, upstreams=[first])
+    assert settings.upstream_for("m").name == "first"  # routed once: remembered
+    copy = settings.model_copy(update={"upstreams": [second]})
+    assert copy.upstream_for("m").name == "second"
+    assert settings.upstream_for("m").name == "first"
+    copy.upstreams = [first, second]
+    assert copy.upstream_for("m").name == "first"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -214,8 +232,9 @@ def test_sse_lines_are_parsed_up_to_done_or_an_error() -> None:
 
 @pytest.mark.parametrize("payload", [b"{", b"", b'{"a": 1}, {"b": 2}', b"1, 2"])
 def test_a_data_line_that_is_not_one_json_value_is_refused(payload: bytes) -> None:
-    with pytest.raises(orjson.JSONDecodeError):
+    with pytest.raises(UpstreamError) as refused:
         parse_all(b"data: " + orjson.dumps(chunk("a")) + b"\ndata: " + payload + b"\n")
+    assert refused.value.type == "upstream_bad_response" and refused.value.retryable
 
 
 def _chunk_lines(chunks: list[dict[str, Any]], spaced: list[bool]) -> bytes:
@@ -312,3 +331,61 @@ async def test_a_subscription_waits_its_whole_timeout_and_wakes_at_a_message() -
     assert not await subscription.wait(0.05)
     assert loop.time() - started < 1
     subscription.close()
+
+
+async def test_a_load_that_was_cancelled_is_loaded_again() -> None:
+    cache = LoadingCache[str, str](60)
+    go_on, ended = asyncio.Event(), asyncio.Event()
+
+    async def cancelled_load() -> str:
+        try:
+            await go_on.wait()
+            raise asyncio.CancelledError  # as a read does when its database closes under it
+        finally:
+            ended.set()
+
+    caller = asyncio.create_task(cache.get("k", cancelled_load))
+    await asyncio.sleep(0)
+    caller.cancel()  # the caller leaves; the load goes on for whoever asks next
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    go_on.set()
+    await ended.wait()
+
+    async def load() -> str:
+        return "loaded"
+
+    assert cache.peek("k") is None
+    assert await cache.get("k", load) == "loaded"
+    assert cache.peek("k") == "loaded"
+
+
+def test_every_key_has_an_environment_twin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/configuration.md's example variables, as written, over a file: the environment wins
+    key by key, a flag wins over both, and a misspelt key in a section is an error."""
+    page = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    block = page.split("test_every_key_has_an_environment_twin -->\n```bash\n")[1]
+    for line in block.split("```")[0].splitlines():
+        name, _, value = line.removeprefix("export ").split("#")[0].strip().partition("=")
+        monkeypatch.setenv(name, value.strip("'"))
+    monkeypatch.setenv("HOOKLINE_PORT", "9100")
+    config = tmp_path / "hookline.toml"
+    config.write_text("port = 9000\n[webhooks]\ntimeout_seconds = 7\nmax_in_flight = 12\n")
+    settings = load_settings(config)
+    assert settings.port == 9100
+    assert settings.webhooks.timeout_seconds == 5  # the environment over the file
+    assert settings.webhooks.max_in_flight == 12  # the file's other keys kept
+    assert settings.webhooks.allowed_networks == ["10.0.0.0/8"]
+    assert settings.fairness.tenant_defaults.weight == 2
+    assert (settings.upstreams[0].name, settings.upstreams[0].base_url) == (
+        "vllm",
+        "http://10.0.0.5:8000/v1",
+    )
+    assert load_settings(config, port=9200).port == 9200  # a flag over both
+    monkeypatch.setenv("HOOKLINE_WEBHOOKS__TYPO", "1")
+    with pytest.raises(InvalidRequest, match="typo"):
+        load_settings(config)
+    monkeypatch.delenv("HOOKLINE_WEBHOOKS__TYPO")
+    monkeypatch.setenv("HOOKLINE_UPSTREAMS", "[not json")
+    with pytest.raises(InvalidRequest, match="environment"):
+        load_settings(config)

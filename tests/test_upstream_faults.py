@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from tests.conftest import LiveGateway, gateway_settings, serve, wait_for_status
-from tests.scripted_upstream import Drop, ErrorChunk, Hang, Reply, ScriptedUpstream, Status
+from tests.scripted_upstream import (
+    Drop,
+    Endless,
+    ErrorChunk,
+    Garbage,
+    Hang,
+    Reply,
+    ScriptedUpstream,
+    Status,
+)
 
 
 def chat(model: str, **extra: Any) -> dict[str, Any]:
@@ -110,6 +122,7 @@ async def test_hang_past_the_timeout_fails_after_the_last_attempt(
         done = await wait_for_status(live.client, job["id"], {"failed"})
         assert done["attempts"] == 2
         assert done["error"]["type"] == "upstream_timeout"
+        assert done["error"]["message"] == "the upstream sent nothing for 0.3 s"  # not "too long"
         failed = [e for e in await events_of(live, job["id"]) if e["type"] == "job.failed"]
         assert len(failed) == 1 and failed[0]["data"]["error"]["type"] == "upstream_timeout"
 
@@ -165,3 +178,73 @@ async def test_ttl_passing_before_start_expires_the_job(
             "job.expired",
         ]
         assert upstream.seen("m") == []
+
+
+@pytest.mark.fault
+async def test_an_endless_stream_fails_at_max_output_bytes_and_writes_no_more(
+    database_url: str, upstream: ScriptedUpstream
+) -> None:
+    limit = 256 * 1024
+    upstream.script("endless", Endless(piece_chars=1024))
+    async with gateway(
+        database_url,
+        upstream.base_url,
+        upstream={"max_output_bytes": limit},
+        jobs={"max_attempts": 3},
+    ) as live:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        job = (await live.client.post("/v1/jobs", json=chat("endless"))).json()
+        done = await wait_for_status(live.client, job["id"], {"failed"}, timeout=8)
+        assert loop.time() - started < 5  # not the attempt's timeout (10 s here), times attempts
+        assert done["error"]["type"] == "output_too_large"
+        assert done["attempts"] == 1  # not retried: the same request would run past it again
+        events = await events_of(live, job["id"])
+        text = sum(len(e["data"]["text"]) for e in events if e["type"] == "job.output.delta")
+        assert 0 < text <= limit
+        [seen] = upstream.seen("endless")
+        for _ in range(100):  # the gateway hung up: the upstream stops sending
+            if seen.aborted:
+                break
+            await asyncio.sleep(0.02)
+        assert seen.aborted
+
+
+async def test_a_non_streamed_answer_past_max_output_bytes_fails_the_attempt(
+    database_url: str, upstream: ScriptedUpstream
+) -> None:
+    upstream.script("large", Reply(text="y" * 300_000))
+    async with gateway(
+        database_url,
+        upstream.base_url,
+        upstream={"max_output_bytes": 256 * 1024, "stream": False},
+    ) as live:
+        job = (await live.client.post("/v1/jobs", json=chat("large"))).json()
+        done = await wait_for_status(live.client, job["id"], {"failed"})
+        assert done["error"]["type"] == "output_too_large" and done["attempts"] == 1
+        small = (await live.client.post("/v1/jobs", json=chat("small"))).json()
+        ok = await wait_for_status(live.client, small["id"], {"succeeded"})
+        assert ok["output"]["choices"][0]["message"]["content"] == "echo: hi there"
+
+
+async def test_random_bytes_for_a_stream_are_a_bad_response_not_a_disconnect(
+    database_url: str, upstream: ScriptedUpstream
+) -> None:
+    upstream.script("noise", Garbage())
+    async with gateway(database_url, upstream.base_url, jobs={"max_attempts": 2}) as live:
+        job = (await live.client.post("/v1/jobs", json=chat("noise"))).json()
+        done = await wait_for_status(live.client, job["id"], {"failed"})
+        assert done["attempts"] == 2  # retried, as a flaky proxy may answer properly next time
+        assert done["error"]["type"] == "upstream_bad_response", done["error"]
+        deltas = [e for e in await events_of(live, job["id"]) if e["type"] == "job.output.delta"]
+        assert deltas == []
+
+
+async def test_random_bytes_in_place_of_http_are_a_bad_response_not_unreachable(
+    database_url: str, upstream: ScriptedUpstream
+) -> None:
+    upstream.script("not-http", Garbage(raw=True))
+    async with gateway(database_url, upstream.base_url, jobs={"max_attempts": 1}) as live:
+        job = (await live.client.post("/v1/jobs", json=chat("not-http"))).json()
+        done = await wait_for_status(live.client, job["id"], {"failed"})
+        assert done["error"]["type"] == "upstream_bad_response", done["error"]

@@ -508,7 +508,7 @@ async def test_a_jobs_messages_go_in_event_order_whatever_the_writers_clocks(
 ) -> None:
     # Two processes wrote a job's messages; the later event's writer had a clock behind, so its
     # message id (time-based) sorts first. The order is the events' seq, not the ids.
-    store = await open_store(database_url, migrate=False)
+    store = await open_store(database_url)
     try:
         key = order_key(None, "http://127.0.0.1:9/hook", "job_x")
         rows = [
@@ -547,11 +547,11 @@ async def test_claimed_messages_whose_lease_is_nearly_out_are_left_for_a_later_c
     """The sender's ready set never starts a POST that could outlive its message's lease (another
     process might take the message meanwhile); such messages wait for the lease to lapse."""
     from hookline.config import WebhooksConfig
-    from hookline.notify import Notifier
-    from hookline.sender import WebhookSender
+    from hookline.delivery.webhooks.sender import WebhookSender
+    from hookline.live.notify import Notifier
 
     clock = ManualClock(start_ms=1_900_000_000_000)
-    store = await open_store(database_url, migrate=False)
+    store = await open_store(database_url)
     try:
         now = clock.now_ms()
         await _enqueue_succeeded(store, [receiver.url(f"/d{i % 2}") for i in range(4)], now)
@@ -580,11 +580,11 @@ async def test_claims_at_once_share_the_room_instead_of_each_claiming_all_of_it(
     """Two claims in flight at once (the claim loop's and a recording's) must not both claim the
     room: the second would lease messages this process has no room for, only to give them back."""
     from hookline.config import WebhooksConfig
-    from hookline.notify import Notifier
-    from hookline.sender import WebhookSender
+    from hookline.delivery.webhooks.sender import WebhookSender
+    from hookline.live.notify import Notifier
 
     clock = ManualClock(start_ms=1_900_000_000_000)
-    store = await open_store(database_url, migrate=False)
+    store = await open_store(database_url)
     try:
         messages = 12
         await _enqueue_succeeded(store, [receiver.url("/room")] * messages, clock.now_ms())
@@ -623,7 +623,7 @@ async def test_the_next_output_delta_message_waits_an_interval_after_a_late_send
     from hookline.events import Event, EventType
     from hookline.store.outbox import DELTA_INTERVAL_MS, enqueue_deliveries
 
-    store = await open_store(database_url, migrate=False)
+    store = await open_store(database_url)
     webhook = {"url": "http://127.0.0.1:9/hook", "events": ["job.output.delta"]}
 
     def delta(seq: int, text: str, now: int) -> list[Any]:
@@ -642,7 +642,7 @@ async def test_the_next_output_delta_message_waits_an_interval_after_a_late_send
         await enqueue(1, "a", due)
         [first] = await store.webhooks.claim_due(due, 10, "lease_1", due + 60_000, ())
         sent = due + 300  # it went out (and its outcome was recorded) 300 ms after it was due
-        ok = AttemptOutcome(200, 5, None, "ok", True, None)
+        ok = AttemptOutcome(status_code=200, latency_ms=5, response_excerpt="ok", succeeded=True)
         if enqueued == "while it is being sent":
             await enqueue(2, "b", due + 100)
         await store.webhooks.record_attempts([(first, "lease_1", ok, sent)])

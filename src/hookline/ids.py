@@ -44,6 +44,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{_encode(value)}"
 
 
+def id_floor(prefix: str, ms: int) -> str:
+    """The least id ``new_id(prefix)`` can make at epoch millisecond ``ms``: ids made from then
+    on are at least this, in string order."""
+    return f"{prefix}_{_encode(ms << _RANDOM_BITS)}"
+
+
 def has_prefix(value: str, prefix: str) -> bool:
     """True when ``value`` looks like an id this module made with ``prefix``."""
     body = value.removeprefix(f"{prefix}_")

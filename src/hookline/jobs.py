@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,17 +45,61 @@ ALLOWED_TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
 }
 
 
+_PASSTHROUGH_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}(?:\.[a-z][a-z0-9_]{0,31})*")
+PASSTHROUGH_NAME_MAX = 32  # (the column's width)
+
+
 class Operation(enum.StrEnum):
+    """What a job asks of its upstream. Besides the members, any other well-formed name
+    (``rerank``, ``audio.speech``: lowercase words joined by dots) is a *passthrough*
+    operation: one an upstream declares in its ``operations``, whose request body goes as it
+    came to the upstream's endpoint of that path (``/rerank``, ``/audio/speech``)."""
+
     CHAT_COMPLETIONS = "chat.completions"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
+    IMAGES_GENERATIONS = "images.generations"
     # Not a call: the anchor row of a batch (see hookline.batches), never claimed, never shown.
     BATCH = "batch"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Operation | None:
+        if (
+            isinstance(value, str)
+            and len(value) <= PASSTHROUGH_NAME_MAX
+            and _PASSTHROUGH_NAME.fullmatch(value)
+        ):  # a pseudo-member, not cached: names a caller makes up cost no memory
+            member = str.__new__(cls, value)
+            member._name_ = value.upper().replace(".", "_")
+            member._value_ = value
+            return member
+        return None
+
+    @property
+    def passthrough(self) -> bool:
+        """Not one hookline models: the upstream's endpoint of the same path, as it came."""
+        return self.value not in _MODELLED
+
+    @property
+    def path(self) -> str:
+        """The endpoint's path below an upstream's base URL (``/images/generations``)."""
+        return "/" + self.value.replace(".", "/")
 
     @property
     def streams(self) -> bool:
         """Whether the upstream can stream this operation's output."""
-        return self not in (Operation.EMBEDDINGS, Operation.BATCH)
+        return self in (Operation.CHAT_COMPLETIONS, Operation.COMPLETIONS)
+
+
+_MODELLED = frozenset(operation.value for operation in Operation)
+
+
+class Lane(enum.StrEnum):
+    """Who waits on a job, which decides what it may wait behind (hookline.fairness)."""
+
+    INTERACTIVE = "interactive"  # someone is watching: facade calls, streams, Prefer: wait
+    DEFAULT = "default"  # the job API
+    BATCH = "batch"  # batch items: they fill what the other lanes leave idle
 
 
 def check_transition(current: JobStatus, new: JobStatus) -> None:
@@ -94,10 +139,52 @@ class Job:
     lease_token: str | None
     lease_expires_at: int | None
     event_seq: int
-    webhook: dict[str, Any] | None = None  # {"url": ..., "events": [...]}
+    # Its own deliveries: {"url": ..., "events": [...]} of its webhook, "sinks": [names].
+    webhook: dict[str, Any] | None = None
     batch_id: str | None = None  # an item of this batch,
     batch_line: int | None = None  # from this line of its input file,
     custom_id: str | None = None  # with this custom_id
+    traceparent: str | None = None  # the W3C trace context it was submitted in (tracing on)
+    lane: Lane = Lane.DEFAULT
+    # Tokens a start reserves under a token limit (input estimated, plus max_tokens); None when
+    # no token limit applied at its accept (hookline.fairness).
+    expected_tokens: int | None = None
+    # The last attempt's usage as the upstream reported it.
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    key_id: str | None = None  # the API key that submitted it (its limits hold it back too)
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        id: str,
+        tenant: str,
+        operation: Operation,
+        now: int,
+        max_attempts: int,
+        model: str = "",
+        upstream: str = "",
+        input: dict[str, Any] | None = None,
+        metadata: dict[str, str] | None = None,
+        priority: int = 0,
+        expires_at: int | None = None,
+        **fields: Any,
+    ) -> Job:
+        """A job as submitted: queued, no attempt yet, its ``job.queued`` event its first
+        (``event_seq`` 1). ``fields`` sets any other field (``idempotency_key``, ``webhook``, a
+        batch item's ``batch_id``…)."""
+        values: dict[str, Any] = {
+            "id": id, "tenant": tenant, "status": JobStatus.QUEUED, "operation": operation,
+            "model": model, "upstream": upstream, "input": {} if input is None else input,
+            "output": None, "error": None, "metadata": {} if metadata is None else metadata,
+            "priority": priority, "attempts": 0, "max_attempts": max_attempts,
+            "idempotency_key": None, "request_hash": None, "created_at": now, "updated_at": now,
+            "started_at": None, "finished_at": None, "expires_at": expires_at, "run_after": now,
+            "lease_token": None, "lease_expires_at": None, "event_seq": 1,
+        }  # fmt: skip
+        values.update(fields)
+        return cls(**values)
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Job:
@@ -105,6 +192,7 @@ class Job:
         values["status"] = JobStatus(values["status"])
         values["operation"] = Operation(values["operation"])
         values["metadata"] = values["metadata"] or {}
+        values["lane"] = Lane(values["lane"])
         return cls(**values)
 
     def evolve(self, **changes: Any) -> Job:
@@ -118,6 +206,7 @@ class Job:
         row = {name: getattr(self, name) for name in _FIELD_NAMES}
         row["status"] = self.status.value
         row["operation"] = self.operation.value
+        row["lane"] = self.lane.value
         return row
 
 
@@ -145,10 +234,12 @@ def job_json(job: Job) -> dict[str, Any]:
         "error": job.error,
         "metadata": job.metadata,
         "priority": job.priority,
+        "lane": job.lane.value,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "idempotency_key": job.idempotency_key,
-        "webhook": job.webhook,
+        "webhook": _own_webhook(job.webhook),
+        "sinks": (job.webhook or {}).get("sinks") or [],
         "batch_id": job.batch_id,
         "custom_id": job.custom_id,
         "created_at": iso(job.created_at),
@@ -157,3 +248,12 @@ def job_json(job: Job) -> dict[str, Any]:
         "expires_at": iso(job.expires_at),
         "links": {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel"},
     }
+
+
+def _own_webhook(webhook: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A job's webhook as the API shows it: its URL and events (None without a URL)."""
+    if not webhook or not webhook.get("url"):
+        return None
+    if "sinks" not in webhook:
+        return webhook
+    return {"url": webhook["url"], "events": webhook.get("events")}

@@ -6,6 +6,10 @@ caller, or taken over after a stall) has its upstream call aborted at once. Stre
 per job and written as one ``job.output.delta`` event per choice every ``delta_flush_seconds``, never
 per token. On stop, the worker claims nothing more, lets running jobs finish for ``drain_seconds``,
 then puts the rest back in the queue without counting the attempt.
+
+A chat job of an upstream with ``upstream_mode = "background"`` runs as a background response
+(:mod:`hookline.upstreams.background`): its id is recorded with the job at once, the attempt
+after a crash follows the same response, and cancelling the job cancels it at the provider.
 """
 
 from __future__ import annotations
@@ -15,21 +19,71 @@ import contextlib
 import dataclasses
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import stamina
+
 from hookline.config import WorkerConfig
-from hookline.errors import StoreError, StoreUnavailable
+from hookline.errors import NotFound, StoreError, StoreUnavailable
 from hookline.events import EventType, NewEvent
 from hookline.ids import new_id
-from hookline.jobs import Job
-from hookline.live import LiveDelta, LiveHub
-from hookline.queue import JOB_CANCELLED, JOBS_AVAILABLE, JobQueue, UpstreamFailure
+from hookline.jobs import Job, JobStatus, Operation
+from hookline.live.hub import LiveDelta, LiveHub
+from hookline.live.notify import JOB_CANCELLED, JOBS_AVAILABLE, UPSTREAM_RESPONSE
+from hookline.observability import logs
+from hookline.queue import JobQueue, UpstreamFailure
+from hookline.upstreams.background import BackgroundResponses
 from hookline.upstreams.base import Upstream, UpstreamError
 
 log = logging.getLogger("hookline.worker")
 _CLAIM_BATCH = 100
+
+
+class EarlyStart:
+    """The facade's fast path: a job accepted already claimed, run in a slot this process's worker
+    took before the accept, with no claim transaction and no wait for the claim loop.
+
+    The accept is written with :attr:`lease_token`; :meth:`on_built` (only when ``overlaps``)
+    starts the upstream call as soon as the job is built, while its accept commits, and the call
+    is aborted if the accept does not land as ours. Then exactly one of :meth:`settle` (the
+    accept returned) or :meth:`abandon` (it raised) hands the slot on or gives it back.
+    """
+
+    def __init__(self, worker: Worker, upstream: str, lease_token: str, overlaps: bool) -> None:
+        self.worker = worker
+        self.upstream = upstream
+        self.lease_token = lease_token
+        self.overlaps = overlaps
+        self._accepted: asyncio.Future[bool] | None = (
+            asyncio.get_running_loop().create_future() if overlaps else None
+        )
+        self._started = False
+
+    def on_built(self, job: Job) -> None:
+        assert self._accepted is not None
+        self._started = True
+        self.worker.adopt(job, self.lease_token, self._accepted)
+
+    def settle(self, job: Job, created: bool) -> None:
+        """The accept returned ``job``: it runs here if it was created under our lease (else it
+        was queued, the upstream full across processes, or it is an idempotent replay)."""
+        claimed = created and job.lease_token == self.lease_token
+        if self._accepted is not None and self._started:
+            self._accepted.set_result(claimed)
+        elif claimed:
+            self.worker.adopt(job, self.lease_token)
+        else:
+            self.worker.unreserve(self.upstream)
+
+    def abandon(self) -> None:
+        """The accept failed: a call already started is aborted and its slot freed."""
+        if self._accepted is not None and self._started:
+            self._accepted.set_result(False)
+        else:
+            self.worker.unreserve(self.upstream)
 
 
 @dataclasses.dataclass
@@ -49,6 +103,14 @@ class RunningJob:
     # Set for a job started while its accept commits: True once it is on disk, False if it never
     # will be. Nothing about the job is written before it is True.
     accepted: asyncio.Future[bool] | None = None
+    first_output_at: float | None = None  # time.time() of the attempt's first text (metrics)
+    # The upstream's output so far (its assembler's), kept if the job is cancelled under it.
+    output_so_far: Callable[[], dict[str, Any]] | None = None
+    # The provider's id of the background response this attempt follows, once known.
+    upstream_response: str | None = None
+
+    def track_output(self, so_far: Callable[[], dict[str, Any]]) -> None:
+        self.output_so_far = so_far
 
     @property
     def on_disk(self) -> bool:
@@ -61,6 +123,8 @@ class RunningJob:
         """Called per upstream chunk: straight to live watchers, and buffered for the log.
         Text of a job still being accepted is only buffered: nobody may see output of a job
         that might never exist (see :meth:`publish_held`)."""
+        if self.first_output_at is None:
+            self.first_output_at = time.time()
         offset = self.produced.get(index, 0)
         self.produced[index] = offset + len(text)
         self.pending.setdefault(index, []).append(text)
@@ -112,14 +176,23 @@ class Worker:
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
         self._unsubscribe: list[Any] = []
+        self._background = {
+            name: BackgroundResponses(upstream.config)
+            for name, upstream in upstreams.items()
+            if upstream.config.upstream_mode == "background"
+        }
+        self._pokes: dict[str, asyncio.Event] = {}  # background response id -> its attempt's
 
     async def start(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.start()
+        if self._stopping:  # stopped while an upstream started: the stop closed them already
+            return
         notifier = self.queue.notifier
         self._unsubscribe = [
             notifier.subscribe(JOBS_AVAILABLE, self._jobs_available),
             notifier.subscribe(JOB_CANCELLED, self._abort),
+            notifier.subscribe(UPSTREAM_RESPONSE, self._poke),
         ]
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="hookline-claim"),
@@ -130,11 +203,13 @@ class Worker:
         ]
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: claim nothing more, wait up to ``grace`` seconds, requeue what still runs."""
+        """Drain: claim nothing more, wait up to ``grace`` seconds, requeue what still runs. Also
+        stops a worker whose :meth:`start` failed or has not finished."""
         grace = self.config.drain_seconds if grace is None else grace
         self._stopping = True
         self._wake.set()
-        await asyncio.gather(self._loops[0], return_exceptions=True)  # let a claim in flight land
+        if self._loops:  # let a claim in flight land
+            await asyncio.gather(self._loops[0], return_exceptions=True)
         tasks = [r.task for r in self.running.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
@@ -152,6 +227,8 @@ class Worker:
             unsubscribe()
         for upstream in self.upstreams.values():
             await upstream.close()
+        for background in self._background.values():
+            await background.close()
 
     # --- loops
 
@@ -204,6 +281,10 @@ class Worker:
             self._start(RunningJob(job, token, self.queue.live))
         return len(jobs) == want, token_wait
 
+    def running_per_upstream(self) -> dict[str, int]:
+        """Jobs running here (and slots reserved), per upstream."""
+        return {name: n for name, n in self._active.items() if n}
+
     def _free(self, name: str) -> int:
         return self.upstreams[name].config.max_concurrency - self._active[name]
 
@@ -215,6 +296,14 @@ class Worker:
         return running.task
 
     # --- jobs handed over at accept time (the OpenAI facade's streams)
+
+    def early_start(self, upstream: str, *, overlap: bool) -> EarlyStart | None:
+        """A slot of ``upstream`` for a job about to be accepted already claimed (None: stopping,
+        full, or rate-limited). With ``overlap`` the upstream call may start while the accept
+        is still being written (see :class:`EarlyStart`)."""
+        if not self.reserve(upstream):
+            return None
+        return EarlyStart(self, upstream, new_id("lease"), overlap)
 
     def reserve(self, upstream: str) -> bool:
         """Take a slot of ``upstream`` for a job about to be accepted already claimed; False when
@@ -294,6 +383,12 @@ class Worker:
                 log.warning("retention cleanup failed: %s", exc)
             await asyncio.sleep(interval)
 
+    def _poke(self, response_id: str) -> None:
+        """A webhook says this background response changed: its attempt looks at once."""
+        poke = self._pokes.get(response_id)
+        if poke is not None:
+            poke.set()
+
     # --- one job
 
     def _abort(self, job_id: str) -> None:
@@ -330,6 +425,7 @@ class Worker:
 
     async def _execute(self, running: RunningJob) -> None:
         job, token = running.job, running.lease_token
+        logs.bind(**logs.job_fields(job))  # what this task logs names the job
         try:
             await self._attempt(running)
         except asyncio.CancelledError:
@@ -337,6 +433,9 @@ class Worker:
                 await asyncio.wait([running.accepted])  # released only once it is on disk
             if running.releasing and running.on_disk:
                 await _quietly(self.queue.release(job, token, "worker stopped; job requeued"))
+            elif not running.releasing and running.on_disk:
+                await self._keep_cancelled_output(running)
+                await self._forward_cancel(running)
         finally:
             if self.running.get(job.id) is running:  # else: it is already running again here
                 self.queue.live.running.discard(job.id)
@@ -345,6 +444,100 @@ class Worker:
             self._active[job.upstream] -= 1
             self._slot_freed()
 
+    async def _keep_cancelled_output(self, running: RunningJob) -> None:
+        """A job cancelled while it ran keeps what its attempt had produced: its output so far
+        (the text, with what a flush had not written yet, and usage if the upstream had sent
+        it). Its lease lost instead (taken over elsewhere), the write changes nothing."""
+        so_far = running.output_so_far
+        if so_far is None:  # the answer had not begun (or is not streamed): nothing to keep
+            return
+        try:
+            output = so_far()
+        except Exception as exc:  # (a half-streamed tool call that is not JSON yet)
+            log.info("job %s: its output so far could not be assembled: %s", running.job.id, exc)
+            return
+        job = running.job
+        await self._record(lambda: self.queue.keep_cancelled_output(job, output))
+
+    async def _forward_cancel(self, running: RunningJob) -> None:
+        """A job cancelled while its background response ran: the provider cancels it too.
+        (Its lease lost instead, the response is left to the attempt that took the job over.)"""
+        job, response_id = running.job, running.upstream_response
+        background = self._background.get(job.upstream)
+        if response_id is None or background is None:
+            return
+        try:
+            current = await self.queue.get(job.tenant, job.id)
+        except (NotFound, StoreError):
+            return
+        if current.status is not JobStatus.CANCELLED:
+            return
+        try:
+            await background.cancel(response_id)
+        except UpstreamError as exc:
+            log.warning("job %s: cancelling background response %s failed: %s",
+                        job.id, response_id, exc)  # fmt: skip
+
+    async def _call(
+        self, running: RunningJob, upstream: Upstream, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """One upstream call: a background response for a chat job of a background upstream,
+        else the upstream's ``run``."""
+        job = running.job
+        background = self._background.get(job.upstream)
+        if background is None or job.operation is not Operation.CHAT_COMPLETIONS:
+            return await upstream.run(
+                job.operation,
+                body,
+                running.add_delta,
+                held_until=running.accepted,
+                partial=running.track_output,
+            )
+        if not await _written(running):  # never accepted: nothing to create at the provider
+            raise UpstreamError("job_lost", "the job was never accepted")
+        token = running.lease_token
+        poke = asyncio.Event()
+
+        def follow(response_id: str) -> None:
+            if running.upstream_response is not None:
+                self._pokes.pop(running.upstream_response, None)
+            running.upstream_response = response_id
+            self._pokes[response_id] = poke
+
+        async def record(response_id: str) -> bool:
+            follow(response_id)
+            held: list[bool] = []
+
+            async def write() -> None:
+                held.append(await self.queue.record_upstream_response(job, token, response_id))
+
+            await _retrying(write, self.config.lease_seconds)
+            return bool(held and held[-1])
+
+        recorded = await self.queue.upstream_response_of(job)
+        if recorded is not None:
+            follow(recorded)
+        try:
+            output = await background.run(
+                body,
+                recorded=recorded,
+                record=record,
+                metadata={"hookline_job_id": job.id},
+                poke=poke,
+            )
+        finally:
+            if running.upstream_response is not None:
+                self._pokes.pop(running.upstream_response, None)
+        # The answer comes whole: its text is the job's output deltas too, so a stream that
+        # watches the job (the facade's stream: true) shows it, in one piece.
+        for choice in output.get("choices") or ():
+            content = (
+                (choice.get("message") or {}).get("content") if isinstance(choice, dict) else None
+            )
+            if isinstance(content, str) and content:
+                running.add_delta(int(choice.get("index") or 0), content)
+        return output
+
     async def _attempt(self, running: RunningJob) -> None:
         job, token = running.job, running.lease_token
         upstream = self.upstreams.get(job.upstream)
@@ -352,12 +545,29 @@ class Worker:
             failure = UpstreamFailure("upstream_unknown", f"no upstream named {job.upstream!r}")
             await self._record(lambda: self.queue.fail(job, token, failure))
             return
-        body = {**job.input, "model": job.model}
-        try:
-            output = await upstream.run(
-                job.operation, body, running.add_delta, held_until=running.accepted
+        router = self.queue.router
+        wait = router.admit(job.upstream)
+        if wait is not None:  # its circuit is open: a route falls back, a lone upstream waits
+            failure = UpstreamFailure(
+                "circuit_open",
+                f"upstream {job.upstream!r} failed repeatedly: its circuit is open for {wait:.1f} s",
+                retryable=True,
+                retry_after=wait,
             )
+            await self._record(lambda: self.queue.fail(job, token, failure))
+            return
+        body = {**job.input, "model": router.model_for(job.model, job.upstream)}
+        call = self.queue.telemetry.upstream_call(
+            job, upstream.config.type, upstream.config.base_url, body
+        )
+        try:
+            output = await self._call(running, upstream, body)
         except UpstreamError as exc:
+            call.ended(str(exc.status or exc.type), running.first_output_at)
+            if exc.retryable:  # (a refusal is an answer: the upstream is up)
+                router.failed(job.upstream)
+            else:
+                router.succeeded(job.upstream)
             if not await _written(running):
                 return
             deltas = running.take_deltas()
@@ -369,14 +579,18 @@ class Worker:
             await self._record(lambda: self.queue.fail(job, token, failure))
             return
         except (asyncio.CancelledError, KeyboardInterrupt):
+            call.ended("cancelled", running.first_output_at)
             raise
         except Exception as exc:
+            call.ended("internal_error", running.first_output_at)
             if not await _written(running):
                 return
             log.exception("job %s: unexpected error from upstream %s", job.id, job.upstream)
             failure = UpstreamFailure("internal_error", f"{type(exc).__name__}: {exc}", None, True)
             await self._record(lambda: self.queue.fail(job, token, failure))
             return
+        call.ended("ok", running.first_output_at, output)
+        router.succeeded(job.upstream)
         if not await _written(running):
             return
         # The last output and the success: one transaction, not two.
@@ -388,18 +602,16 @@ async def _retrying(write: Callable[[], Awaitable[Any]], for_seconds: float) -> 
     """Run a store write, again and again while the store is unavailable (an outage, or a burst
     of writes waiting longer than the pool allows) for up to ``for_seconds``. A job's outcome is
     in memory only: losing its write means calling the upstream again once the lease lapses."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + for_seconds
-    delay = 0.05
-    while True:
-        try:
+    async for attempt in stamina.retry_context(
+        on=StoreUnavailable,
+        attempts=None,
+        timeout=for_seconds,
+        wait_initial=0.05,
+        wait_max=2.0,
+        wait_jitter=0.05,
+    ):
+        with attempt:
             await write()
-            return
-        except StoreUnavailable:
-            if loop.time() + delay > deadline:
-                raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
 
 async def _written(running: RunningJob) -> bool:

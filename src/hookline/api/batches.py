@@ -5,7 +5,7 @@ batch's events as SSE."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -15,14 +15,15 @@ from starlette.responses import Response, StreamingResponse
 
 from hookline.api.deps import GatewayDep, TenantDep
 from hookline.api.problems import json_response
-from hookline.api.schemas import WebhookSpec
+from hookline.api.schemas import SinkName, WebhookSpec
+from hookline.api.sinks import with_sinks
 from hookline.api.streams import resume_cursor, sse_response, wants_event_stream
 from hookline.batches import BatchRequest, batch_json, file_json
+from hookline.delivery.streams import job_stream
+from hookline.delivery.webhooks.ssrf import check_url
 from hookline.errors import InvalidRequest, NotFound
 from hookline.events import event_json
 from hookline.gateway import Gateway
-from hookline.ssrf import check_url
-from hookline.streams import job_stream
 
 router = APIRouter(prefix="/v1", tags=["batches"])
 _MAX_PAGE = 100
@@ -45,6 +46,18 @@ class BatchCreate(BaseModel):
             "if listed, and the items' job.* events only if listed."
         ),
     )
+    sinks: list[SinkName] | None = Field(
+        default=None,
+        max_length=16,
+        description="Data sinks (GET /v1/sinks) that get every item's events and the batch's.",
+    )
+    execution: Literal["auto", "single", "provider_batch"] | None = Field(
+        default=None,
+        description=(
+            "auto (default): the items of an upstream with batch_api run as its provider batch; "
+            "single: as calls; provider_batch: as provider batches (docs/async-upstreams.md)."
+        ),
+    )
 
 
 async def _upload_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
@@ -60,8 +73,27 @@ async def _body_chunks(request: Request) -> AsyncIterator[bytes]:
 
 # --- files
 
+_UPLOAD = {
+    "type": "object",
+    "required": ["file", "purpose"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "JSONL lines"},
+        "purpose": {"type": "string", "enum": ["batch"]},
+    },
+}
 
-@router.post("/files", summary="Upload a file (purpose 'batch'): multipart, as OpenAI's")
+
+@router.post(
+    "/files",
+    summary="Upload a file (purpose 'batch'): multipart, as OpenAI's",
+    responses={
+        400: {"description": "The multipart body is malformed."},
+        422: {"description": "No file, or a purpose other than batch."},
+    },
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _UPLOAD}}}
+    },
+)
 async def upload_file(request: Request, gateway: GatewayDep, tenant: TenantDep) -> Response:
     async with request.form(max_files=1, max_fields=8) as form:
         upload = form.get("file")
@@ -94,7 +126,12 @@ async def get_file(file_id: str, gateway: GatewayDep, tenant: TenantDep) -> Resp
     return json_response(file_json(await gateway.batches.file(tenant, file_id)))
 
 
-@router.get("/files/{file_id}/content", summary="Download a file (streamed)")
+@router.get(
+    "/files/{file_id}/content",
+    summary="Download a file (streamed)",
+    response_class=Response,
+    responses={200: {"content": {"application/jsonl": {"schema": {"type": "string"}}}}},
+)
 async def file_content(file_id: str, gateway: GatewayDep, tenant: TenantDep) -> Response:
     record = await gateway.batches.file(tenant, file_id)
     return StreamingResponse(
@@ -113,6 +150,21 @@ async def delete_file(file_id: str, gateway: GatewayDep, tenant: TenantDep) -> R
 
 # --- batches
 
+_MULTIPART_BATCH = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "JSONL lines"},
+        "endpoint": {"type": "string", "description": "e.g. /v1/chat/completions"},
+        "completion_window": {"type": "string", "description": "hours, like '24h'"},
+        "metadata": {"type": "string", "description": "a JSON object of strings"},
+        "webhook": {"type": "string", "description": "a JSON webhook: {url, events}"},
+        "webhook_url": {"type": "string"},
+        "webhook_events": {"type": "string", "description": "comma-separated"},
+        "execution": {"type": "string", "enum": ["auto", "single", "provider_batch"]},
+    },
+}
+
 
 @router.post(
     "/batches",
@@ -122,10 +174,11 @@ async def delete_file(file_id: str, gateway: GatewayDep, tenant: TenantDep) -> R
             "content": {
                 "application/json": {"schema": BatchCreate.model_json_schema()},
                 "application/jsonl": {"schema": {"type": "string"}},
-                "multipart/form-data": {"schema": {"type": "object"}},
+                "multipart/form-data": {"schema": _MULTIPART_BATCH},
             }
         }
     },
+    responses={404: {"description": "No such input file."}},
 )
 async def create_batch(request: Request, gateway: GatewayDep, tenant: TenantDep) -> Response:
     """Three ways in, one batch out:
@@ -140,41 +193,54 @@ async def create_batch(request: Request, gateway: GatewayDep, tenant: TenantDep)
     Every line is checked before anything runs; bad lines give a ``failed`` batch whose
     ``errors`` name them."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    service = gateway.batches
     if kind == "application/json":
         try:
             body = BatchCreate.model_validate_json(await request.body())
         except ValidationError as exc:
             raise InvalidRequest(_summary(exc)) from exc
         webhook = body.webhook.model_dump() if body.webhook else None
+        if body.webhook is not None:
+            await check_url(body.webhook.url, gateway.address_policy)
+        webhook = with_sinks(gateway, tenant, webhook, body.sinks)
         batch_request = BatchRequest(
-            body.input_file_id, body.endpoint, body.completion_window, body.metadata, webhook
-        )
+            body.input_file_id, body.endpoint, body.completion_window, body.metadata, webhook,
+            body.execution,
+        )  # fmt: skip
+        batch = await service.create(tenant, batch_request)  # checks the rest
     elif kind in ("application/jsonl", "application/x-ndjson", "application/jsonlines"):
-        fields = dict(request.query_params)
-        record = await gateway.batches.upload(tenant, "batch.jsonl", "batch", _body_chunks(request))
-        batch_request = _from_fields(fields, record.id)
+        batch_request = _from_fields(dict(request.query_params))
+        await _check(gateway, tenant, batch_request)  # before the body is read
+        chunks = _body_chunks(request)
+        batch = await service.submit(tenant, batch_request, "batch.jsonl", chunks)
     elif kind == "multipart/form-data":
         async with request.form(max_files=1, max_fields=16) as form:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 raise InvalidRequest("send the JSONL lines as the multipart field 'file'")
-            fields = {k: v for k, v in form.items() if isinstance(v, str)}
-            record = await gateway.batches.upload(
-                tenant, upload.filename or "batch.jsonl", "batch", _upload_chunks(upload)
-            )
-        batch_request = _from_fields(fields, record.id)
+            batch_request = _from_fields({k: v for k, v in form.items() if isinstance(v, str)})
+            await _check(gateway, tenant, batch_request)
+            filename = upload.filename or "batch.jsonl"
+            batch = await service.submit(tenant, batch_request, filename, _upload_chunks(upload))
     else:
         raise InvalidRequest(
             "send JSON (input_file_id), a JSONL body (Content-Type: application/jsonl), "
             f"or a multipart file; got {kind or 'no content type'!r}"
         )
-    if batch_request.webhook is not None:
-        await check_url(batch_request.webhook["url"], gateway.address_policy)
-    batch = await gateway.batches.create(tenant, batch_request)
     return json_response(batch_json(batch))
 
 
-def _from_fields(fields: dict[str, str], file_id: str) -> BatchRequest:
+async def _check(gateway: Gateway, tenant: str, batch_request: BatchRequest) -> None:
+    """Refuse wrong options before anything is stored."""
+    gateway.batches.check(batch_request)
+    if batch_request.webhook is not None:
+        if batch_request.webhook.get("url"):
+            await check_url(batch_request.webhook["url"], gateway.address_policy)
+        with_sinks(gateway, tenant, None, batch_request.webhook.get("sinks"))  # known ones only
+
+
+def _from_fields(fields: dict[str, str]) -> BatchRequest:
+    """The options of a JSONL or multipart submit (its file is not stored yet)."""
     webhook = None
     if fields.get("webhook"):
         webhook = _parse(WebhookSpec, fields["webhook"]).model_dump()
@@ -182,17 +248,21 @@ def _from_fields(fields: dict[str, str], file_id: str) -> BatchRequest:
         events = [e for e in fields.get("webhook_events", "").split(",") if e.strip()]
         spec = {"url": fields["webhook_url"], "events": [e.strip() for e in events] or None}
         webhook = _parse(WebhookSpec, orjson.dumps(spec).decode()).model_dump()
+    if fields.get("sinks"):  # comma-separated names
+        sinks = [name.strip() for name in fields["sinks"].split(",") if name.strip()]
+        webhook = {**(webhook or {}), "sinks": sinks}
     metadata = None
     if fields.get("metadata"):
         try:
             metadata = orjson.loads(fields["metadata"])
         except orjson.JSONDecodeError as exc:
             raise InvalidRequest(f"metadata must be a JSON object: {exc}") from exc
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        if not isinstance(metadata, dict):
             raise InvalidRequest("metadata must be a JSON object of strings")
     return BatchRequest(
-        file_id, fields.get("endpoint"), fields.get("completion_window", "24h"), metadata, webhook
-    )
+        "", fields.get("endpoint"), fields.get("completion_window", "24h"), metadata, webhook,
+        fields.get("execution"),
+    )  # fmt: skip
 
 
 def _parse(model: type[WebhookSpec], raw: str) -> WebhookSpec:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import orjson
@@ -10,12 +11,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from hookline.errors import (
     Conflict,
     HooklineError,
     InvalidRequest,
+    LimitReached,
     NotFound,
+    StoreFull,
     StoreUnavailable,
     TooLarge,
     Unauthorized,
@@ -26,12 +30,15 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    429: "Too Many Requests",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -72,12 +79,24 @@ def problem(
 
 log = logging.getLogger("hookline.api")
 
+
+class RequestProblem(HooklineError):
+    """A request refused before it is understood (a body that is not JSON, or past the JSON
+    limits; a cursor the API did not make): the status and problem type are the raiser's."""
+
+    def __init__(self, status: int, detail: str, *, slug: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug
+
+
 _ERROR_STATUS: list[tuple[type[HooklineError], int, str]] = [
     (NotFound, 404, "not-found"),
     (Conflict, 409, "conflict"),
     (TooLarge, 413, "too-large"),
     (InvalidRequest, 422, "invalid-request"),
     (Unauthorized, 401, "unauthorized"),
+    (StoreFull, 503, "storage-full"),
     (StoreUnavailable, 503, "database-unavailable"),
 ]
 
@@ -109,25 +128,77 @@ async def _validation_handler(request: Request, exc: Exception) -> Response:
 async def _http_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return problem(exc.status_code, detail, headers=dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # Starlette names the methods of the first route on the path only
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return problem(exc.status_code, detail, headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the request's path takes, across the routes that match it."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "OPTIONS"})
+        if match is not Match.NONE:  # PARTIAL: the path matches, the method does not
+            methods |= getattr(route, "methods", None) or set()
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
 # The OpenAI-compatible routes: their errors also carry OpenAI's error object.
 OPENAI_PATHS = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/responses",
+        "/v1/images/generations",
+    }
 )
 
 
-async def _hookline_handler(request: Request, exc: Exception) -> Response:
-    openai = request.url.path in OPENAI_PATHS
+def error_response(exc: HooklineError, request: str, *, openai: bool = False) -> Response:
+    """The problem+json answer to ``request`` (its method and path, for the log) for one of our
+    errors; with ``openai``, it also carries OpenAI's error object."""
+    try:
+        detail = str(exc)
+    except Exception:  # a message that cannot be built must not turn into a bare 500
+        detail = type(exc).__name__
+    if isinstance(exc, RequestProblem):
+        return problem(exc.status, detail, slug=exc.slug, openai=openai)
+    if isinstance(exc, LimitReached):  # hookline.fairness: the caller may try again later
+        headers = None
+        if exc.retry_after is not None:
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+        return problem(exc.status, detail, slug=exc.kind, headers=headers, openai=openai)
     for error_type, status, slug in _ERROR_STATUS:
         if isinstance(exc, error_type):
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             if status == 503:
                 headers = {"Retry-After": "1"}
-            return problem(status, str(exc), slug=slug, headers=headers, openai=openai)
-    log.error("%s %s failed: %s", request.method, request.url.path, exc)
+            return problem(status, detail, slug=slug, headers=headers, openai=openai)
+    log.error("%s failed: %s", request, detail)
     return problem(500, "internal error", slug="internal-error", openai=openai)
+
+
+async def _hookline_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HooklineError)
+    path = request.url.path
+    return error_response(exc, f"{request.method} {path}", openai=path in OPENAI_PATHS)
+
+
+async def _recursion_handler(request: Request, exc: Exception) -> Response:
+    # The body's limits (hookline.api.limits) keep nesting far below Python's recursion limit, so
+    # this is a second line: what nests too deep is the caller's value, not a server error.
+    # (Serialization errors cannot be told apart from bugs here: orjson's is TypeError itself.)
+    log.warning("%s %s: RecursionError", request.method, request.url.path)
+    return problem(
+        422,
+        "the request holds a value nested too deep to handle",
+        slug="too-deep",
+        openai=request.url.path in OPENAI_PATHS,
+    )
 
 
 async def _unexpected_handler(request: Request, exc: Exception) -> Response:
@@ -143,4 +214,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(HooklineError, _hookline_handler)
+    app.add_exception_handler(RecursionError, _recursion_handler)
     app.add_exception_handler(Exception, _unexpected_handler)

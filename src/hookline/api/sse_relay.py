@@ -12,7 +12,7 @@ end, the client's disconnect, or the next heartbeat.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -28,12 +28,14 @@ class SSERelayResponse(StreamingResponse):
         *,
         heartbeat_seconds: float,
         headers: Mapping[str, str] | None = None,
+        on_disconnect: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         super().__init__(
             events,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
         )
         self.heartbeat_seconds = heartbeat_seconds
+        self.on_disconnect = on_disconnect  # what the client going away does (else: nothing)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(
@@ -56,7 +58,9 @@ class SSERelayResponse(StreamingResponse):
                     )
                 elif receiving in done:
                     if receiving.result()["type"] == "http.disconnect":
-                        return  # the relay is stopped below; the job itself runs on
+                        if self.on_disconnect is not None:
+                            await self.on_disconnect()
+                        return  # the relay is stopped below; the job runs on, unless cancelled
                     receiving = None
             relaying.result()  # the relay's own error, if it failed
         finally:

@@ -1,15 +1,15 @@
 """Live, resumable event streams: SSE per job, WebSocket per job, and the tenant-wide SSE stream.
 
 Every message carries a resume token as its id (the event's ``seq`` for durable events, with a
-character count appended for live output, see :mod:`hookline.live`); sending it back as
+character count appended for live output, see :mod:`hookline.live.hub`); sending it back as
 ``Last-Event-ID`` (or ``?after=``) resumes right after it, without a lost or doubled token.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
@@ -18,11 +18,12 @@ from starlette.responses import Response
 
 from hookline.api.deps import GatewayDep, TenantDep
 from hookline.api.problems import json_response
+from hookline.delivery.streams import StreamItem, job_stream, tenant_stream
 from hookline.errors import HooklineError, InvalidRequest, NotFound, Unauthorized
 from hookline.events import event_json
 from hookline.gateway import Gateway
-from hookline.live import BadResumeToken, StreamCursor
-from hookline.streams import StreamItem, job_stream, tenant_stream
+from hookline.jobs import JobStatus
+from hookline.live.hub import BadResumeToken, StreamCursor
 
 router = APIRouter(prefix="/v1", tags=["streams"])
 
@@ -85,7 +86,46 @@ async def job_events(
         gateway.queue, tenant, job_id, cursor, poll_seconds=gateway.settings.streams.poll_seconds
     )
     first = await anext(stream, None)  # NotFound surfaces here, as a 404 problem, not mid-stream
-    return sse_response(gateway, _prepend(first, stream))
+    response = sse_response(gateway, _prepend(first, stream))
+    if first is not None and not first[-1].terminal:
+        response.body_iterator = _with_position(gateway, tenant, job_id, response.body_iterator)
+    return response
+
+
+# How often a stream looks at where its queued job stands (job.progress when it moved).
+POSITION_SECONDS = 2.0
+
+
+async def _with_position(
+    gateway: Gateway, tenant: str, job_id: str, encoded: AsyncIterable[Any]
+) -> AsyncIterator[Any]:
+    """The stream, and while its job is queued, after each ``POSITION_SECONDS`` without an
+    event, a ``job.progress`` event with its ``queue`` position (as ``GET /v1/jobs/{id}``
+    shows it) when that changed. Not a durable event: it has no id, so it never moves the point
+    a reconnect resumes from."""
+    source = aiter(encoded)
+    upcoming: asyncio.Future[Any] = asyncio.ensure_future(anext(source, None))
+    shown: dict[str, Any] | None = None
+    waiting = True
+    try:
+        while True:
+            done, _ = await asyncio.wait({upcoming}, timeout=POSITION_SECONDS if waiting else None)
+            if upcoming in done:
+                chunk = upcoming.result()
+                if chunk is None:
+                    return
+                yield chunk
+                upcoming = asyncio.ensure_future(anext(source, None))
+                continue
+            job = await gateway.queue.get(tenant, job_id)  # a quiet spell: where does it stand?
+            waiting = job.status is JobStatus.QUEUED
+            queue = await gateway.queue.position(job) if waiting else None
+            if queue is not None and queue != shown:
+                shown = queue
+                data = {"job_id": job_id, "type": "job.progress", "data": {"queue": queue}}
+                yield b"event: job.progress\ndata: %s\n\n" % orjson.dumps(data)
+    finally:
+        upcoming.cancel()
 
 
 async def _prepend(
@@ -129,6 +169,7 @@ async def tenant_events(
         int(token),
         frozenset(type or ()),
         poll_seconds=gateway.settings.streams.poll_seconds,
+        resync_seconds=gateway.settings.streams.resync_seconds,
     )
     return sse_response(gateway, stream)
 

@@ -12,10 +12,10 @@ from starlette.responses import Response
 
 from hookline.api.deps import GatewayDep, TenantDep
 from hookline.api.problems import json_response
-from hookline.api.schemas import check_event_filters
+from hookline.api.schemas import check_event_filters, page_cursor
+from hookline.deliveries import DEFAULT_JOB_EVENTS
+from hookline.delivery.webhooks.ssrf import check_url
 from hookline.errors import InvalidRequest, NotFound
-from hookline.ssrf import check_url
-from hookline.webhooks import DEFAULT_JOB_EVENTS
 
 router = APIRouter(prefix="/v1", tags=["webhooks"])
 _MAX_PAGE = 200
@@ -27,7 +27,9 @@ class EndpointCreate(BaseModel):
     url: str = Field(min_length=1, max_length=2048)
     events: list[str] = Field(default_factory=lambda: list(DEFAULT_JOB_EVENTS), max_length=32)
     description: str | None = Field(default=None, max_length=512)
-    rate_limit_per_second: float | None = Field(default=None, gt=0, le=10_000)
+    rate_limit_per_second: float | None = Field(
+        default=None, gt=0, le=10_000, strict=True, allow_inf_nan=False
+    )
     enabled: bool = True
 
     @model_validator(mode="after")
@@ -42,7 +44,9 @@ class EndpointUpdate(BaseModel):
     url: str | None = Field(default=None, min_length=1, max_length=2048)
     events: list[str] | None = Field(default=None, max_length=32)
     description: str | None = Field(default=None, max_length=512)
-    rate_limit_per_second: float | None = Field(default=None, gt=0, le=10_000)
+    rate_limit_per_second: float | None = Field(
+        default=None, gt=0, le=10_000, strict=True, allow_inf_nan=False
+    )
     enabled: bool | None = None
 
     @model_validator(mode="after")
@@ -55,7 +59,12 @@ class Rotation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     overlap_seconds: float | None = Field(
-        default=None, ge=0, le=30 * 86400, description="How long the old secret keeps signing."
+        default=None,
+        ge=0,
+        le=30 * 86400,
+        strict=True,
+        allow_inf_nan=False,
+        description="How long the old secret keeps signing.",
     )
 
 
@@ -192,7 +201,9 @@ async def rotate_tenant_secret(
     return await _rotate(gateway, tenant, None, body)
 
 
-@router.post("/webhook-endpoints/{endpoint_id}/recover", summary="Re-send failed messages")
+@router.post(
+    "/webhook-endpoints/{endpoint_id}/recover", status_code=202, summary="Re-send failed messages"
+)
 async def recover_endpoint(
     endpoint_id: str, body: Recovery, gateway: GatewayDep, tenant: TenantDep
 ) -> Response:
@@ -206,12 +217,17 @@ async def recover_endpoint(
     return json_response({"object": "recovery", "queued": count}, 202)
 
 
-@router.get("/deliveries", summary="List webhook deliveries, newest first")
+@router.get(
+    "/deliveries",
+    summary="List deliveries (webhooks and data sinks), newest first",
+    responses={400: {"description": "A cursor this list did not give."}},
+)
 async def list_deliveries(
     gateway: GatewayDep,
     tenant: TenantDep,
     endpoint_id: Annotated[str | None, Query(max_length=64)] = None,
     job_id: Annotated[str | None, Query(max_length=64)] = None,
+    sink: Annotated[str | None, Query(max_length=64, description="A data sink's name.")] = None,
     status: Literal["pending", "succeeded", "failed"] | None = None,
     since: datetime.datetime | None = None,
     until: datetime.datetime | None = None,
@@ -222,10 +238,11 @@ async def list_deliveries(
         tenant,
         endpoint_id=endpoint_id,
         job_id=job_id,
+        sink=sink,
         status=status,
         since=_ms(since) if since else None,
         until=_ms(until) if until else None,
-        before_id=cursor,
+        before_id=page_cursor(cursor, "msg"),
         limit=limit + 1,
     )
     page, has_more = found[:limit], len(found) > limit

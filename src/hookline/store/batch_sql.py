@@ -1,5 +1,6 @@
-"""Files (kept in chunks) and batches, in SQL. A batch's items are jobs; its events go through
-the job store under its anchor row (see :mod:`hookline.batches`)."""
+"""The SQL implementation of :class:`~hookline.store.base_batches.Batches`: files kept in 1 MB
+chunks, and batches. A batch's items are jobs; its events go through the job store under its
+anchor row (see :mod:`hookline.batches`)."""
 
 from __future__ import annotations
 
@@ -10,73 +11,44 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
+from hookline.errors import StoreError
 from hookline.jobs import Job, JobStatus
+from hookline.store.base_batches import (
+    TERMINAL_STATUSES,
+    Batches,
+    BatchRecord,
+    BatchStatus,
+    FileRecord,
+    ProviderPart,
+    sources_for,
+)
 from hookline.store.database import Database, chosen_once
-from hookline.store.schema import batches, file_chunks, files, jobs
+from hookline.store.schema import (
+    batches,
+    deliveries,
+    delivery_attempts,
+    events,
+    file_chunks,
+    files,
+    inbound_webhooks,
+    jobs,
+    provider_batches,
+)
 
 CHUNK_BYTES = 1024 * 1024
 _CHUNKS_PER_READ = 4
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class FileRecord:
-    id: str
-    tenant: str
-    purpose: str
-    filename: str
-    bytes: int
-    created_at: int
-
-    @classmethod
-    def from_row(cls, row: Any) -> FileRecord:
-        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BatchRecord:
-    id: str
-    tenant: str
-    status: str
-    endpoint: str
-    input_file_id: str
-    output_file_id: str | None
-    error_file_id: str | None
-    completion_window: str
-    metadata: dict[str, str] | None
-    errors: list[dict[str, Any]] | None
-    item_events: list[str]
-    total: int
-    completed: int
-    failed: int
-    lines_queued: int
-    created_at: int
-    updated_at: int
-    expires_at: int
-    in_progress_at: int | None
-    finalizing_at: int | None
-    completed_at: int | None
-    failed_at: int | None
-    expired_at: int | None
-    cancelling_at: int | None
-    cancelled_at: int | None
-    progress_at: int | None
-
-    @classmethod
-    def from_row(cls, row: Any) -> BatchRecord:
-        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})
-
-
-class BatchStore:
+class SQLBatches(Batches):
     def __init__(self, database: Database) -> None:
         self.database = database
+        self.capabilities = database.capabilities
 
     # --- files
 
     async def create_file(
         self, record: FileRecord, chunks: AsyncIterator[bytes], max_bytes: int
     ) -> FileRecord | None:
-        """Store a file from its chunks, one short transaction per chunk (the whole file is never
-        in memory). None, and nothing kept, when it passes ``max_bytes``."""
         await self.database.write(lambda conn: conn.execute(sa.insert(files), [_row(record)]))
         size, n = 0, 0
         try:
@@ -100,8 +72,7 @@ class BatchStore:
         return written
 
     async def read_file(self, file_id: str) -> AsyncIterator[bytes]:
-        """The file's content, a few chunks per read."""
-        n = 0
+        n = 0  # a few chunks per read
         while True:
             query = (
                 sa.select(file_chunks.c.data)
@@ -147,13 +118,29 @@ class BatchStore:
     # --- batches
 
     async def insert_batch(self, row: dict[str, Any], anchor: Job) -> None:
-        """The batch and its anchor row, together."""
-
         def insert(conn: Connection) -> None:
             conn.execute(sa.insert(batches), [row])
             conn.execute(sa.insert(jobs), [anchor.as_row()])
 
         await self.database.write(insert)
+
+    async def delete_batch(self, batch_id: str) -> None:
+        def delete(conn: Connection) -> None:
+            for owned in (jobs.c.batch_id == batch_id, jobs.c.id == batch_id):
+                ids = sa.select(jobs.c.id).where(owned)
+                messages = sa.select(deliveries.c.id).where(deliveries.c.job_id.in_(ids))
+                conn.execute(
+                    sa.delete(delivery_attempts).where(
+                        delivery_attempts.c.delivery_id.in_(messages)
+                    )
+                )
+                conn.execute(sa.delete(deliveries).where(deliveries.c.job_id.in_(ids)))
+                conn.execute(sa.delete(events).where(events.c.job_id.in_(ids)))
+                conn.execute(sa.delete(jobs).where(owned))
+            conn.execute(sa.delete(provider_batches).where(provider_batches.c.batch_id == batch_id))
+            conn.execute(sa.delete(batches).where(batches.c.id == batch_id))
+
+        await self.database.write(delete)
 
     async def get_batch(self, batch_id: str, tenant: str | None = None) -> BatchRecord | None:
         query = sa.select(batches).where(batches.c.id == batch_id)
@@ -170,31 +157,40 @@ class BatchStore:
         rows = await self.database.read(lambda conn: list(conn.execute(query).mappings()))
         return [BatchRecord.from_row(row) for row in rows]
 
-    async def update_batch(
-        self, batch_id: str, values: dict[str, Any], *, statuses: Collection[str] = ()
+    async def update_batch(self, batch_id: str, values: dict[str, Any]) -> BatchRecord | None:
+        if "status" in values:
+            raise ValueError("a batch's status changes by transition()")
+        return await self._update(sa.update(batches).where(batches.c.id == batch_id), values)
+
+    async def transition(
+        self, batch_id: str, new_status: BatchStatus, values: dict[str, Any]
     ) -> BatchRecord | None:
-        """Change a batch (only while in one of ``statuses``, when given); the batch after."""
-        statement = sa.update(batches).where(batches.c.id == batch_id)
-        if statuses:
-            statement = statement.where(batches.c.status.in_(list(statuses)))
+        allowed = [s.value for s in sorted(sources_for(new_status))]
+        statement = sa.update(batches).where(
+            batches.c.id == batch_id, batches.c.status.in_(allowed)
+        )
+        return await self._update(statement, {**values, "status": new_status.value})
+
+    async def _update(self, statement: sa.Update, values: dict[str, Any]) -> BatchRecord | None:
         statement = statement.values(**values).returning(*batches.c)
         row = await self.database.write(lambda conn: conn.execute(statement).mappings().first())
         return BatchRecord.from_row(row) if row else None
 
-    async def any_in(self, statuses: Collection[str]) -> bool:
-        """Whether some batch is in one of ``statuses`` (a read, before any write)."""
-        query = sa.select(batches.c.id).where(batches.c.status.in_(list(statuses))).limit(1)
+    async def any_in(self, statuses: Collection[BatchStatus]) -> bool:
+        query = sa.select(batches.c.id).where(batches.c.status.in_(_values(statuses))).limit(1)
         return await self.database.read(lambda conn: conn.execute(query).first() is not None)
 
     async def claim_batches(
-        self, statuses: Collection[str], now: int, lease_token: str, lease_expires_at: int
+        self,
+        statuses: Collection[BatchStatus],
+        now: int,
+        lease_token: str,
+        lease_expires_at: int,
     ) -> list[BatchRecord]:
-        """Lease (or renew) the batches in ``statuses`` that this runner holds or no runner looks
-        after (or whose runner's lease lapsed), so one runner at a time drives each."""
         due = (
             sa.select(batches.c.id)
             .where(
-                batches.c.status.in_(list(statuses)),
+                batches.c.status.in_(_values(statuses)),
                 sa.or_(
                     batches.c.lease_token == lease_token,  # its own: renewed
                     batches.c.lease_expires_at.is_(None),
@@ -214,7 +210,6 @@ class BatchStore:
         return [BatchRecord.from_row(row) for row in rows]
 
     async def release_batches(self, lease_token: str) -> None:
-        """A runner that stops hands its batches over at once."""
         statement = (
             sa.update(batches)
             .where(batches.c.lease_token == lease_token)
@@ -223,7 +218,6 @@ class BatchStore:
         await self.database.write(lambda conn: conn.execute(statement))
 
     async def item_counts(self, batch_id: str) -> dict[str, int]:
-        """How many of the batch's items are in each job status."""
         query = (
             sa.select(jobs.c.status, sa.func.count())
             .where(jobs.c.batch_id == batch_id)
@@ -233,7 +227,6 @@ class BatchStore:
         return {status: int(count) for status, count in rows}
 
     async def items(self, batch_id: str, after_line: int, limit: int) -> list[Job]:
-        """The batch's items in line order."""
         query = (
             sa.select(jobs)
             .where(jobs.c.batch_id == batch_id, jobs.c.batch_line > after_line)
@@ -244,13 +237,11 @@ class BatchStore:
         return [Job.from_row(row) for row in rows]
 
     async def ended_without_event(self) -> list[BatchRecord]:
-        """Batches that ended (their row says so) while their anchor still runs: the terminal
-        event is still to be written."""
         query = (
             sa.select(batches)
             .join(jobs, jobs.c.id == batches.c.id)
             .where(
-                batches.c.status.in_(["completed", "failed", "expired", "cancelled"]),
+                batches.c.status.in_(_values(TERMINAL_STATUSES)),
                 jobs.c.status == JobStatus.RUNNING.value,
             )
             .limit(100)
@@ -265,6 +256,130 @@ class BatchStore:
             .limit(limit)
         )
         return await self.database.read(lambda conn: list(conn.execute(query).scalars()))
+
+    async def renew_batch_lease(self, batch_id: str, lease_token: str, until: int) -> bool:
+        statement = (
+            sa.update(batches)
+            .where(batches.c.id == batch_id, batches.c.lease_token == lease_token)
+            .values(lease_expires_at=until)
+        )
+        result = await self.database.write(lambda conn: conn.execute(statement).rowcount)
+        return bool(result)
+
+    # --- provider batches
+
+    async def insert_parts(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            await self.database.write(lambda conn: conn.execute(sa.insert(provider_batches), rows))
+
+    async def parts(self, batch_id: str) -> list[ProviderPart]:
+        query = (
+            sa.select(provider_batches)
+            .where(provider_batches.c.batch_id == batch_id)
+            .order_by(provider_batches.c.part)
+        )
+        rows = await self.database.read(lambda conn: list(conn.execute(query).mappings()))
+        return [ProviderPart.from_row(row) for row in rows]
+
+    async def update_part(self, part_id: str, values: dict[str, Any]) -> ProviderPart | None:
+        statement = (
+            sa.update(provider_batches)
+            .where(provider_batches.c.id == part_id)
+            .values(**values)
+            .returning(*provider_batches.c)
+        )
+        row = await self.database.write(lambda conn: conn.execute(statement).mappings().first())
+        return ProviderPart.from_row(row) if row else None
+
+    async def part_items(
+        self, batch_id: str, upstream: str, after_line: int, last_line: int, limit: int
+    ) -> list[Job]:
+        query = (
+            sa.select(jobs)
+            .where(
+                jobs.c.batch_id == batch_id,
+                jobs.c.batch_line > after_line,
+                jobs.c.batch_line <= last_line,
+                jobs.c.upstream == upstream,
+            )
+            .order_by(jobs.c.batch_line)
+            .limit(limit)
+        )
+        rows = await self.database.read(lambda conn: list(conn.execute(query).mappings()))
+        return [Job.from_row(row) for row in rows]
+
+    async def open_part_items(
+        self, batch_id: str, upstream: str, first_line: int, last_line: int, limit: int
+    ) -> list[Job]:
+        query = (
+            sa.select(jobs)
+            .where(
+                jobs.c.batch_id == batch_id,
+                jobs.c.batch_line >= first_line,
+                jobs.c.batch_line <= last_line,
+                jobs.c.upstream == upstream,
+                jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+            )
+            .order_by(jobs.c.batch_line)
+            .limit(limit)
+        )
+        rows = await self.database.read(lambda conn: list(conn.execute(query).mappings()))
+        return [Job.from_row(row) for row in rows]
+
+    async def provider_batch_ids(self, upstream: str) -> set[str]:
+        statement = sa.select(provider_batches.c.provider_batch_id).where(
+            provider_batches.c.upstream == upstream,
+            provider_batches.c.provider_batch_id.is_not(None),
+        )
+        rows = await self.database.read(lambda conn: conn.execute(statement).all())
+        return {str(row[0]) for row in rows}
+
+    async def poke_part(self, upstream: str, provider_batch_id: str, now: int) -> str | None:
+        statement = (
+            sa.update(provider_batches)
+            .where(
+                provider_batches.c.upstream == upstream,
+                provider_batches.c.provider_batch_id == provider_batch_id,
+            )
+            .values(next_poll_at=now)
+            .returning(provider_batches.c.batch_id)
+        )
+        row = await self.database.write(lambda conn: conn.execute(statement).first())
+        return None if row is None else str(row[0])
+
+    async def record_inbound(self, upstream: str, webhook_id: str, now: int, forget: int) -> bool:
+        def record(conn: Connection) -> bool:
+            seen = sa.select(inbound_webhooks.c.upstream).where(
+                inbound_webhooks.c.upstream == upstream,
+                inbound_webhooks.c.webhook_id == webhook_id,
+            )
+            if conn.execute(seen).first() is not None:
+                return False
+            conn.execute(sa.delete(inbound_webhooks).where(inbound_webhooks.c.received_at < forget))
+            conn.execute(
+                sa.insert(inbound_webhooks).values(
+                    upstream=upstream, webhook_id=webhook_id, received_at=now
+                )
+            )
+            return True
+
+        try:
+            return await self.database.write(record)
+        except StoreError:  # the same id inserted meanwhile, by another request
+            if await self.database.read(
+                lambda conn: conn.execute(
+                    sa.select(inbound_webhooks.c.upstream).where(
+                        inbound_webhooks.c.upstream == upstream,
+                        inbound_webhooks.c.webhook_id == webhook_id,
+                    )
+                ).first()
+            ):
+                return False
+            raise
+
+
+def _values(statuses: Collection[BatchStatus]) -> list[str]:
+    return sorted(status.value for status in statuses)
 
 
 def _chunk_writer(file_id: str, n: int, data: bytes) -> Callable[[Connection], Any]:

@@ -1,27 +1,21 @@
 """How store code reaches a database: every operation is a plain function over a SQLAlchemy
-``Connection``, run as one transaction by :meth:`Database.write` or :meth:`Database.read`.
+``Connection``, run as one transaction by :meth:`Database.write` or :meth:`Database.read`; a write
+that many callers make at once (accepting a job) is a :class:`GroupedWrite`, which the database
+runs for everything that arrives together in one call.
 
-Writing the operations synchronously lets each database run them its best way:
+* SQLite (stdlib ``sqlite3``) is the one place that groups SQLite writes: a write that finds the
+  database idle runs at once in its caller's task; writes that come meanwhile queue, and the next
+  transaction runs all of them (each in a savepoint, so a failing write is undone alone, and the
+  items of one grouped write in one call). Statements run in the event loop; the COMMIT (the
+  fsync) runs on a writer thread, so the loop serves and the next batch fills meanwhile. Only a
+  lone write in a quiet process commits in the loop. Reads run on a few reader threads beside
+  the writer (WAL).
+* PostgreSQL (asyncpg): every write is its own transaction in the event loop; a grouped write's
+  items that arrive while one of its calls is in flight go together in the next (round trips,
+  not fsyncs, are the cost there).
 
-* SQLite (stdlib ``sqlite3``): writes queue for one writer task, which runs what queued up
-  together as one transaction, each write in a savepoint of its own (a write that fails is undone
-  alone and its caller gets the error): under load one commit, one fsync and one hand-off to the
-  writer thread serve many writes (measured on the streaming benchmark at c=100: 2.0-2.2 ms of
-  CPU per stream instead of 2.8-3.4). A transaction starts with ``BEGIN IMMEDIATE`` (so it never fails
-  half-way on a lock upgrade) and its statements run right in the event loop when the database
-  is free: short transactions cost less there than a hand-off to a thread, whose every GIL
-  re-acquisition waits behind the busy loop (measured: a 32-row accept batch took 24 ms on a
-  thread, 2 ms in the loop). Its COMMIT, an fsync, runs on the writer thread, which drops the GIL
-  while the disk works, so the loop keeps serving meanwhile (the processes shorten the GIL switch
-  interval, see ``cli.tune_interpreter``); a batch of only ``bulk`` writes commits in the loop,
-  and so does a lone write while the process is quiet (``quiet``, set by the gateway).
-  When another process holds the write lock, the whole batch moves to the writer thread, which
-  waits for it, so the loop never blocks on a lock. Reads run on a few reader threads, which WAL
-  lets run beside the writer.
-* PostgreSQL (asyncpg): the same function runs in the event loop through SQLAlchemy's
-  ``run_sync`` bridge; no threads.
-
-Errors are translated here, at the boundary, into :mod:`hookline.errors`.
+The measurements behind these choices are in docs/benchmarks.md. Errors are translated here, at
+the boundary, into :mod:`hookline.errors`.
 """
 
 from __future__ import annotations
@@ -31,10 +25,16 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
+import errno
+import fcntl
 import logging
+import os
+import shutil
 import sqlite3
+import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -43,10 +43,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from hookline.errors import InvalidRequest, StoreError, StoreUnavailable
+from hookline.errors import InvalidRequest, StoreError, StoreFull, StoreUnavailable
+from hookline.store.group_commit import WriteBatcher
 
 log = logging.getLogger("hookline.store")
 T = TypeVar("T")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 Operation = Callable[[Connection], T]
 
 SQLITE_PRAGMAS = (
@@ -54,7 +57,15 @@ SQLITE_PRAGMAS = (
     # FULL: a commit is on disk before we answer 202. Batching accepts keeps the fsyncs few.
     "PRAGMA synchronous=FULL",
     "PRAGMA foreign_keys=ON",
+    # After a checkpoint the WAL file is cut back to this size: without it, it keeps its largest
+    # size for ever, and after a full disk it grows back into whatever space was freed.
+    f"PRAGMA journal_size_limit={64 * 1024 * 1024}",
 )
+# How long after a write failed on a full disk /readyz keeps saying so; below how much free space
+# it says so anyway; how often an idle WAL is cut back.
+_FULL_DISK_MEMORY_SECONDS = 10.0
+_MIN_FREE_BYTES = 4 * 1024 * 1024
+_CHECKPOINT_SECONDS = 300.0
 _SQLITE_READERS = 4
 # PostgreSQL's codes for "not now": connection exceptions (08…), a server shutting down or
 # starting up (57P01-57P03), too many connections (53300).
@@ -74,6 +85,8 @@ def _json_dumps(value: Any) -> str:
 
 def translate_error(exc: BaseException) -> StoreError:
     """Our exception for a driver's (the cause stays attached by the caller's ``raise … from``)."""
+    if _disk_full(exc):
+        return StoreFull("the database's disk is full: nothing was written")
     if isinstance(exc, (OSError, ConnectionError)):
         return StoreUnavailable(f"database unreachable: {exc}")
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
@@ -90,12 +103,74 @@ def translate_error(exc: BaseException) -> StoreError:
     return StoreError(f"database error: {exc}")
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroupedWrite(Generic[Item, Result]):
+    """A write that many callers make at once, each with its own item (accepting a job). The
+    database runs the items that arrive together in one call, ``run(conn, items)``, which
+    returns one result per item, in order: one multi-row statement instead of one per item. If
+    such a call fails, each of its items is tried alone, so a bad item fails only its caller."""
+
+    name: str
+    run: Callable[[Connection, list[Item]], list[Result]]
+
+
+# A lone write commits in the event loop only when the one before it ended this long ago: writes
+# closer together are load, and a commit in the loop would keep the next ones from grouping.
+_QUIET_GAP_SECONDS = 0.002
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100), or the operating system's ENOSPC."""
+    orig = getattr(exc, "orig", exc)
+    if isinstance(orig, OSError) and orig.errno == errno.ENOSPC:
+        return True
+    if isinstance(orig, sqlite3.Error):
+        return getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+            "database or disk is full" in str(orig)
+        )
+    return getattr(orig, "sqlstate", None) == "53100"
+
+
+class _StaleConnection(Exception):
+    """A connection broke before its transaction committed (the cause is the driver's error)."""
+
+
 class _WriteLockTaken(Exception):
     """Another process holds SQLite's write lock."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a database offers beyond transactions. The layers above the store ask for these by
+    name, never for a dialect: each flag says what it allows, not which database has it."""
+
+    # Processes can wake each other through the database (PostgreSQL's LISTEN/NOTIFY): wake-ups
+    # and live output cross between processes over it (hookline.live.broadcast).
+    listen_notify: bool
+    # The file that the processes sharing the database open on this host (SQLite), else None:
+    # live output crosses over Unix sockets beside it (hookline.live.relay), and the first process to
+    # open it ends the leases of processes that died (Database.join_processes).
+    file_path: str | None
+    # Write transactions run side by side, each waiting on round trips to a server (PostgreSQL):
+    # a writer that waits on them gains from a second one. Else writes run one at a time.
+    concurrent_writers: bool
+    # The database commits a lone write differently in a quiet process: tell it, with
+    # Database.hint_quiet, how to know (SQLite).
+    quiet_hint: bool
+    # Processes on other machines may use the database at once (PostgreSQL): what it counts
+    # across processes, such as an upstream's running jobs, may change at any moment, so work
+    # counted against such a limit waits for its count to commit.
+    shared_across_hosts: bool
+
+    @property
+    def shares_a_file(self) -> bool:
+        """Processes share the database as a file on this host."""
+        return self.file_path is not None
+
+
 class Database(abc.ABC):
-    dialect: str
+    dialect: str  # a name for logs and for SQL the store writes per dialect; nothing to branch on
+    capabilities: Capabilities
 
     @abc.abstractmethod
     async def write(self, operation: Operation[T], *, bulk: bool = False) -> T:
@@ -104,33 +179,141 @@ class Database(abc.ABC):
         loop waits least (SQLite: in the loop rather than on the writer thread)."""
 
     @abc.abstractmethod
+    async def write_grouped(self, group: GroupedWrite[Item, Result], item: Item) -> Result:
+        """Write ``item`` together with the other items of ``group`` that arrive meanwhile; returns
+        its result once it is committed."""
+
+    @abc.abstractmethod
     async def read(self, operation: Operation[T]) -> T:
         """Run ``operation`` on a connection that sees committed data."""
 
     @abc.abstractmethod
     async def dispose(self) -> None: ...
 
+    def hint_quiet(self, quiet: Callable[[], bool]) -> None:
+        """``quiet()`` says whether this process is quiet now (at most one job running): a
+        database with ``capabilities.quiet_hint`` commits a lone write accordingly; others
+        ignore it."""
+        del quiet
+
+    async def join_processes(self) -> bool:
+        """Count this process among those using a database shared as a file
+        (``capabilities.file_path``). True if no other process had it open: every lease in it
+        belongs to a process that is gone. Call :meth:`shared` once those leases are dealt
+        with. Databases shared otherwise always answer False."""
+        return False
+
+    def shared(self) -> None:
+        """After :meth:`join_processes` returned True: let other processes join."""
+        return None
+
+    _full_at = -1e9  # time.monotonic() of the last write refused for a full disk
+
+    def storage_problem(self) -> str | None:
+        """Why the database cannot take writes now (for readiness), or None."""
+        if time.monotonic() - self._full_at < _FULL_DISK_MEMORY_SECONDS:
+            return "the database's disk is full: writes fail until space is freed"
+        return None
+
+    def _note_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, StoreFull):
+            self._full_at = time.monotonic()
+
 
 class SQLiteDatabase(Database):
     dialect = "sqlite"
 
     def __init__(self, url: str) -> None:
+        self._path = sqlite_path(url)
+        self.capabilities = Capabilities(
+            listen_notify=False,
+            file_path=self._path,
+            concurrent_writers=False,
+            quiet_hint=True,
+            shared_across_hosts=False,
+        )
         self._loop_engine = self._engine(url, writer=True, busy_timeout_ms=0)
         self._writer_engine = self._engine(url, writer=True)
         self._reader_engine = self._engine(url, writer=False)
         self._pending: collections.deque[_PendingWrite] = collections.deque()
         self._have_writes = asyncio.Event()
         self._writing = False  # a transaction is in progress (inline or in the writer task)
-        # Set by the gateway: True while this process is quiet (at most one job running). A lone
-        # write then commits in the event loop: the fsync is short, and the hand-off to the writer
-        # thread (waiting for the GIL behind the loop) would cost the waiting caller more. Under
-        # load the thread lets the loop serve during commits and the writes meanwhile batch up.
+        self._last_write_ended = 0.0  # time.monotonic()
+        # Set by the gateway (hint_quiet): True while this process runs at most one job. A lone
+        # write in a quiet process (that, and no write just before it) commits in the event loop:
+        # the fsync is short, and the hand-off to the writer thread would cost the waiting caller
+        # more. Under load the thread lets the loop serve during commits while the next writes
+        # queue.
         self.quiet: Callable[[], bool] = lambda: False
         self._writer_task: asyncio.Task[None] | None = None
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._readers = concurrent.futures.ThreadPoolExecutor(
             _SQLITE_READERS, thread_name_prefix="sqlite-reader"
         )
+        # Checkpoints run on a thread and a connection of their own, never waiting for a lock:
+        # the writer's commits do not queue behind them.
+        self._checkpoint_engine = self._engine(url, writer=True, busy_timeout_ms=0)
+        self._checkpointer = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="sqlite-checkpoint"
+        )
+        self._checkpoint: asyncio.Future[None] | None = None
+        self._last_checkpoint = time.monotonic()
+        self._presence: int | None = None  # the file descriptor holding the lock
+
+    def hint_quiet(self, quiet: Callable[[], bool]) -> None:
+        self.quiet = quiet
+
+    async def join_processes(self) -> bool:
+        """Count this process among those using the database file, for as long as it is open
+        (an advisory lock on a file beside it, which the kernel drops when a process dies).
+        True if no other process had it open: every lease in it belongs to a process that is
+        gone. Call :meth:`shared` once those leases are dealt with; until then, other processes
+        joining wait."""
+        if self._path is None:
+            return False
+        fd = self._presence = os.open(f"{self._path}.processes", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # others are here: wait (in a thread) for a shared place
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_SH)
+            return False
+        return True
+
+    def shared(self) -> None:
+        """After :meth:`join_processes` returned True: let other processes join."""
+        if self._presence is not None:
+            fcntl.flock(self._presence, fcntl.LOCK_SH)
+
+    def storage_problem(self) -> str | None:
+        problem = super().storage_problem()
+        if problem is None and self._path is not None:
+            try:
+                free = shutil.disk_usage(os.path.dirname(os.path.abspath(self._path))).free
+            except OSError:
+                return None
+            if free < _MIN_FREE_BYTES:
+                problem = f"only {free // 1024} KiB free on the database's disk"
+        return problem
+
+    def _after_batch(self, batch: list[_PendingWrite]) -> None:
+        """Remember a full disk (for readiness), and give the WAL's space back: at once after a
+        full disk, else every few minutes (SQLite's own checkpoints never shrink the file)."""
+        full = any(isinstance(w.outcome, StoreFull) for w in batch)
+        if full:
+            self._full_at = time.monotonic()
+        if self._checkpoint is not None:
+            return
+        if full or time.monotonic() - self._last_checkpoint > _CHECKPOINT_SECONDS:
+            self._last_checkpoint = time.monotonic()
+            self._checkpoint = asyncio.get_running_loop().run_in_executor(
+                self._checkpointer, _truncate_wal, self._checkpoint_engine
+            )
+            self._checkpoint.add_done_callback(self._checkpoint_done)
+
+    def _checkpoint_done(self, done: asyncio.Future[None]) -> None:
+        self._checkpoint = None
+        if not done.cancelled() and done.exception() is not None:
+            log.warning("checkpointing the WAL failed: %s", done.exception())
 
     @staticmethod
     def _engine(url: str, *, writer: bool, busy_timeout_ms: int = 10_000) -> sa.Engine:
@@ -142,6 +325,7 @@ class SQLiteDatabase(Database):
             connect_args={"check_same_thread": False},
             json_serializer=_json_dumps,
             json_deserializer=orjson.loads,
+            hide_parameters=True,
         )
 
         @event.listens_for(engine, "connect")
@@ -159,11 +343,18 @@ class SQLiteDatabase(Database):
         return engine
 
     async def write(self, operation: Operation[T], *, bulk: bool = False) -> T:
+        result: T = await self._submit(_PendingWrite(operation, bulk))
+        return result
+
+    async def write_grouped(self, group: GroupedWrite[Item, Result], item: Item) -> Result:
+        result: Result = await self._submit(_PendingWrite(None, False, group, item))
+        return result
+
+    async def _submit(self, pending: _PendingWrite) -> Any:
         # A write that finds the database idle runs at once, in the caller's task. Writes that
         # come meanwhile queue for the writer task, which runs what queued up together as one
-        # transaction (each write in a savepoint of its own): under load one commit, one fsync
-        # and one hand-off to the writer thread serve many writes.
-        pending: _PendingWrite = _PendingWrite(operation, bulk)
+        # transaction: under load one commit, one fsync and one hand-off to the writer thread
+        # serve many writes.
         if not self._writing and not self._pending:
             self._writing = True
             try:
@@ -173,13 +364,14 @@ class SQLiteDatabase(Database):
                     pending.future.set_exception(exc)
             finally:
                 self._writing = False
+                self._last_write_ended = time.monotonic()
+                self._after_batch([pending])
                 if self._pending:
                     self._wake_writer()
         else:
             self._pending.append(pending)
             self._wake_writer()
-        result: T = await pending.future
-        return result
+        return await pending.future
 
     def _wake_writer(self) -> None:
         self._have_writes.set()
@@ -205,6 +397,8 @@ class SQLiteDatabase(Database):
                     _fail(batch, StoreError(f"database error: {exc}"))
                 finally:
                     self._writing = False
+                    self._last_write_ended = time.monotonic()
+                    self._after_batch(batch)
 
     def _take_batch(self) -> list[_PendingWrite]:
         count = min(len(self._pending), _MAX_WRITES_PER_TRANSACTION)
@@ -230,13 +424,16 @@ class SQLiteDatabase(Database):
             conn.close()
             _fail(batch, _translated(exc))
             return
+        except BaseException:  # an error while handling an error: the connection is given back
+            conn.close()
+            raise
         if not any(w.ok for w in batch):
             conn.close()  # nothing to keep: roll back
             _deliver(batch)
             return
-        if all(w.bulk for w in batch) or (len(batch) == 1 and not self._pending and self.quiet()):
-            # Measured with the webhook sender's batches: the hand-off to the thread and the
-            # GIL traffic around it cost more CPU per message than the loop's short stall.
+        if all(w.bulk for w in batch) or (len(batch) == 1 and self._is_quiet()):
+            # Bulk writes (the webhook sender's batches): the hand-off to the thread and the GIL
+            # traffic around it cost more CPU per message than the loop's short stall.
             try:
                 _commit(conn)
             except sa_exc.SQLAlchemyError as exc:
@@ -249,6 +446,15 @@ class SQLiteDatabase(Database):
         # still for it.
         committed = asyncio.get_running_loop().run_in_executor(self._writer, _commit, conn)
         await _settle(batch, committed)
+
+    def _is_quiet(self) -> bool:
+        """No other write waits, none ended just before this one, and the gateway says the
+        process is quiet: a commit in the loop then delays nobody."""
+        return (
+            not self._pending
+            and time.monotonic() - self._last_write_ended > _QUIET_GAP_SECONDS
+            and self.quiet()
+        )
 
     def _begin_in_loop(self) -> Connection:
         conn = self._loop_engine.connect()
@@ -288,6 +494,11 @@ class SQLiteDatabase(Database):
             await asyncio.gather(self._writer_task, return_exceptions=True)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        self._checkpointer.shutdown(wait=True)
+        self._checkpoint_engine.dispose()
+        if self._presence is not None:
+            os.close(self._presence)  # the lock goes with it
+            self._presence = None
         self._loop_engine.dispose()
         self._writer_engine.dispose()
         self._reader_engine.dispose()
@@ -295,6 +506,13 @@ class SQLiteDatabase(Database):
 
 class PostgresDatabase(Database):
     dialect = "postgresql"
+    capabilities = Capabilities(
+        listen_notify=True,
+        file_path=None,
+        concurrent_writers=True,
+        quiet_hint=False,
+        shared_across_hosts=True,
+    )
 
     def __init__(self, url: str) -> None:
         self.engine = create_async_engine(
@@ -314,64 +532,150 @@ class PostgresDatabase(Database):
             connect_args={"timeout": 5},
             json_serializer=_json_dumps,
             json_deserializer=orjson.loads,
+            hide_parameters=True,
         )
+        self._groups: dict[GroupedWrite[Any, Any], WriteBatcher[Any, _ItemOutcome]] = {}
 
     async def write(self, operation: Operation[T], *, bulk: bool = False) -> T:
         return await self._run(operation, commit=True)
+
+    async def write_grouped(self, group: GroupedWrite[Item, Result], item: Item) -> Result:
+        batcher = self._groups.get(group)
+        if batcher is None:
+            batcher = WriteBatcher(
+                lambda items: self._write_items(group, items), name=f"hookline-{group.name}"
+            )
+            self._groups[group] = batcher
+        outcome = await batcher.submit(item)
+        if not outcome.ok:
+            raise outcome.value
+        result: Result = outcome.value
+        return result
+
+    async def _write_items(
+        self, group: GroupedWrite[Item, Result], items: list[Item]
+    ) -> list[_ItemOutcome]:
+        """One transaction for all ``items``; if it fails, one each (so only the bad one fails)."""
+        try:
+            results = await self.write(lambda conn: group.run(conn, items))
+        except Exception as exc:
+            if len(items) == 1:
+                return [_ItemOutcome(False, exc)]
+        else:
+            return [_ItemOutcome(True, result) for result in results]
+        return [(await self._write_items(group, [item]))[0] for item in items]
 
     async def read(self, operation: Operation[T]) -> T:
         return await self._run(operation, commit=False)
 
     async def _run(self, operation: Operation[T], *, commit: bool) -> T:
         try:
-            async with self.engine.connect() as conn:
+            try:
+                return await self._once(operation, commit=commit)
+            except _StaleConnection:
+                # A pooled connection the server had closed (it restarted): SQLAlchemy has
+                # dropped the pool's older connections, and nothing was committed. Once more,
+                # on a fresh connection, rather than a 503 per pooled connection.
+                return await self._once(operation, commit=commit)
+        except _StaleConnection as stale:
+            exc: BaseException = stale.__cause__ or stale
+        except (sa_exc.SQLAlchemyError, OSError, TimeoutError) as error:
+            exc = error
+        translated = translate_error(exc)
+        self._note_failure(translated)
+        raise translated from exc
+
+    async def _once(self, operation: Operation[T], *, commit: bool) -> T:
+        async with self.engine.connect() as conn:
+            try:
                 result = await conn.run_sync(operation)
-                if commit:
-                    await conn.commit()
-                return result
-        except (sa_exc.SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise translate_error(exc) from exc
+            except sa_exc.DBAPIError as exc:
+                if exc.connection_invalidated:  # before COMMIT: the server rolled it back
+                    raise _StaleConnection from exc
+                raise
+            if commit:
+                await conn.commit()  # never repeated: a failure here may follow a commit
+            return result
 
     async def dispose(self) -> None:
+        for batcher in self._groups.values():
+            await batcher.stop()
+        self._groups.clear()
         await self.engine.dispose()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ItemOutcome:
+    ok: bool
+    value: Any  # the item's result, or the exception it failed with
 
 
 _MAX_WRITES_PER_TRANSACTION = 200
 
 
 class _PendingWrite:
-    """A write waiting for the writer task, then its outcome."""
+    """A write waiting for its transaction, then its outcome: an operation, or one item of a
+    grouped write."""
 
-    __slots__ = ("bulk", "future", "ok", "operation", "outcome")
+    __slots__ = ("bulk", "future", "group", "item", "ok", "operation", "outcome")
 
-    def __init__(self, operation: Operation[Any], bulk: bool) -> None:
+    def __init__(
+        self,
+        operation: Operation[Any] | None,
+        bulk: bool,
+        group: GroupedWrite[Any, Any] | None = None,
+        item: Any = None,
+    ) -> None:
         self.operation = operation
         self.bulk = bulk
+        self.group = group
+        self.item = item
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.ok = False
         self.outcome: Any = None
 
 
 def _run_writes(conn: Connection, batch: list[_PendingWrite]) -> None:
-    """Run each write of a batch; a write that fails is undone alone (its savepoint), and its
-    caller gets the error. A batch of one needs no savepoint."""
-    savepoints = len(batch) > 1
+    """Run each write of a batch, the items of one grouped write in one call; a write that fails
+    is undone alone (its savepoint), and its caller gets the error. A batch of one needs no
+    savepoint."""
+    units: dict[object, list[_PendingWrite]] = {}
     for write in batch:
-        if savepoints:
-            _driver_sql(conn, "SAVEPOINT hookline_write")
-        try:
-            write.outcome = write.operation(conn)
-        except Exception as exc:
-            if savepoints:
-                _driver_sql(conn, "ROLLBACK TO hookline_write")
-                _driver_sql(conn, "RELEASE hookline_write")
-            write.outcome = _translated(exc)
-            if not savepoints:
+        units.setdefault(write.group if write.group is not None else write, []).append(write)
+    savepoints = len(batch) > 1
+    for unit in units.values():
+        if len(unit) == 1:
+            if not _run_unit(conn, unit, savepoints) and not savepoints:
                 return
-            continue
-        if savepoints:
+        elif not _run_unit(conn, unit, True):
+            for write in unit:  # the group's call failed: find the item(s) that made it fail
+                _run_unit(conn, [write], True)
+
+
+def _run_unit(conn: Connection, unit: list[_PendingWrite], savepoint: bool) -> bool:
+    """One write, or several items of one grouped write in one call; True if it succeeded."""
+    if savepoint:
+        _driver_sql(conn, "SAVEPOINT hookline_write")
+    try:
+        first = unit[0]
+        if first.group is None:
+            assert first.operation is not None
+            outcomes = [first.operation(conn)]
+        else:
+            outcomes = first.group.run(conn, [write.item for write in unit])
+    except Exception as exc:
+        if savepoint:
+            _driver_sql(conn, "ROLLBACK TO hookline_write")
             _driver_sql(conn, "RELEASE hookline_write")
+        for write in unit:
+            write.outcome = _translated(exc)
+        return False
+    if savepoint:
+        _driver_sql(conn, "RELEASE hookline_write")
+    for write, outcome in zip(unit, outcomes, strict=True):
+        write.outcome = outcome
         write.ok = True
+    return True
 
 
 def _driver_sql(conn: Connection, statement: str) -> None:
@@ -432,8 +736,16 @@ def _deliver(batch: list[_PendingWrite]) -> None:
 
 def _fail(batch: list[_PendingWrite], exc: BaseException) -> None:
     for write in batch:
+        write.outcome = exc
         if not write.future.done():
             write.future.set_exception(exc)
+
+
+def _truncate_wal(engine: sa.Engine) -> None:
+    """Copy the WAL into the database and cut it to nothing, if no reader or writer is in the way
+    (then it returns at once, to try again later)."""
+    with engine.connect() as conn:  # no statement through SQLAlchemy: no BEGIN
+        conn.connection.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # type: ignore[union-attr]
 
 
 def _commit(conn: Connection) -> None:

@@ -1,5 +1,5 @@
-"""The transactional outbox: webhook messages written in the same transaction as the events they
-report, so a message exists exactly when its event does."""
+"""The transactional outbox: webhook and data sink messages written in the same transaction as the
+events they report, so a message exists exactly when its event does."""
 
 from __future__ import annotations
 
@@ -11,23 +11,41 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from hookline.deliveries import Endpoint
+from hookline.deliveries import (
+    DEFAULT_JOB_EVENTS,
+    NO_SINKS,
+    DeliveryStatus,
+    Endpoint,
+    SinkRoutes,
+    matches,
+    message_body,
+)
 from hookline.events import Event, EventType
 from hookline.ids import new_id
 from hookline.jobs import Job, iso
+from hookline.responses import webhook_message
 from hookline.store.schema import deliveries, webhook_endpoints
-from hookline.webhooks import DEFAULT_JOB_EVENTS, matches, message_body
 
-PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
+PENDING = DeliveryStatus.PENDING.value  # every message starts so
 DELTA_INTERVAL_MS = 500
 ENDPOINT_DISABLED = "endpoint.disabled"
 # A reported event: the event, the job when its state is at hand, and the job's own webhook.
 Reported = tuple[Event, Job | None, dict[str, Any] | None]
 
 
-def order_key(endpoint_id: str | None, url: str, job_id: str | None) -> str:
-    destination = endpoint_id or "url_" + hashlib.sha256(url.encode()).hexdigest()[:24]
+def order_key(
+    endpoint_id: str | None, url: str, job_id: str | None, sink: str | None = None
+) -> str:
+    """A message's queue: its destination (an endpoint, a job's own URL, a sink) and its job."""
+    if sink is not None:
+        destination = SINK_PREFIX + sink
+    else:
+        destination = endpoint_id or "url_" + hashlib.sha256(url.encode()).hexdigest()[:24]
     return f"{destination}|{job_id or ''}"
+
+
+SINK_PREFIX = "sink:"  # a sink's destination in order keys, and its messages' url
+SINK_TEST_EVENT = "sink.test"  # hookline sinks test
 
 
 _ENDPOINTS = sa.select(
@@ -62,9 +80,11 @@ def enqueue_deliveries(
     reported: Sequence[Reported],
     now: int,
     endpoints: dict[str, list[Any]] | None = None,
+    sinks: SinkRoutes = NO_SINKS,
 ) -> int:
-    """Insert one message per (event, subscribed destination). Returns how many.
-    ``endpoints`` (from :func:`endpoints_by_tenant`) saves the query when the caller has them."""
+    """Insert one message per (event, subscribed destination): webhook endpoints, the job's own
+    webhook, the data sinks that take it (``sinks``). Returns how many. ``endpoints`` (from
+    :func:`endpoints_by_tenant`) saves the query when the caller has them."""
     if not reported:
         return 0
     if endpoints is None:
@@ -72,39 +92,40 @@ def enqueue_deliveries(
     rows: list[dict[str, Any]] = []
     written = 0
     for event, job, webhook in reported:
-        destinations = [
-            (ep.id, ep.url)
-            for ep in endpoints.get(event.tenant, ())
-            if matches(ep.events, event.type)
+        subscribed = endpoints.get(event.tenant, ())
+        # A response's job ending is also reported as OpenAI's response.* event, to the
+        # endpoints that subscribe to it (a response has no webhook of its own).
+        response = webhook_message(event, job) if subscribed else None
+        if response is not None:
+            kind, response_body = response
+            rows += [
+                _message(event, job, ep.id, ep.url, kind, response_body, now, now)
+                for ep in subscribed
+                if matches(ep.events, kind)
+            ]
+        destinations: list[tuple[str | None, str, str | None]] = [
+            (ep.id, ep.url, None) for ep in subscribed if matches(ep.events, event.type)
         ]
-        if webhook and matches(webhook.get("events") or DEFAULT_JOB_EVENTS, event.type):
-            destinations.append((None, webhook["url"]))
+        if webhook:
+            url = webhook.get("url")
+            if url and matches(webhook.get("events") or DEFAULT_JOB_EVENTS, event.type):
+                destinations.append((None, url, None))
+        if sinks:
+            named = (webhook.get("sinks") or ()) if webhook else ()
+            for name in sinks.destinations(event.tenant, event.type.value, named):
+                destinations.append((None, SINK_PREFIX + name, name))
         if not destinations:
             continue
         body = message_body(event, job)
-        for endpoint_id, url in destinations:
-            key = order_key(endpoint_id, url, event.job_id)
-            due: int | None = now
+        for endpoint_id, url, sink in destinations:
+            due = now
             if event.type is EventType.OUTPUT_DELTA:
-                due = _throttle_delta(conn, key, body, now)
-                if due is None:
+                key = order_key(endpoint_id, url, event.job_id, sink)
+                throttled = _throttle_delta(conn, key, body, now)
+                if throttled is None:
                     continue  # merged into a message not sent yet
-            message = {
-                "id": new_id("msg"),
-                "tenant": event.tenant,
-                "endpoint_id": endpoint_id,
-                "url": url,
-                "job_id": event.job_id,
-                "event_type": event.type.value,
-                "payload": body,
-                "order_key": key,
-                "seq": event.seq,
-                "status": PENDING,
-                "attempts": 0,
-                "next_attempt_at": due,
-                "created_at": now,
-                "updated_at": now,
-            }
+                due = throttled
+            message = _message(event, job, endpoint_id, url, event.type.value, body, due, now, sink)
             if event.type is EventType.OUTPUT_DELTA:
                 conn.execute(sa.insert(deliveries), [message])  # the next delta must see it
                 written += 1
@@ -113,6 +134,38 @@ def enqueue_deliveries(
     if rows:
         conn.execute(sa.insert(deliveries), rows)
     return written + len(rows)
+
+
+def _message(
+    event: Event,
+    job: Job | None,
+    endpoint_id: str | None,
+    url: str,
+    event_type: str,
+    body: dict[str, Any],
+    due: int,
+    now: int,
+    sink: str | None = None,
+) -> dict[str, Any]:
+    """The outbox row of one message reporting ``event`` to one destination, due at ``due``."""
+    return {
+        "id": new_id("msg"),
+        "tenant": event.tenant,
+        "endpoint_id": endpoint_id,
+        "url": url,
+        "job_id": event.job_id,
+        "event_type": event_type,
+        "payload": body,
+        "order_key": order_key(endpoint_id, url, event.job_id, sink),
+        "seq": event.seq,
+        "status": PENDING,
+        "attempts": 0,
+        "next_attempt_at": due,
+        "created_at": now,
+        "updated_at": now,
+        "traceparent": job.traceparent if job is not None else None,
+        "sink": sink,
+    }
 
 
 def _throttle_delta(conn: Connection, key: str, body: dict[str, Any], now: int) -> int | None:

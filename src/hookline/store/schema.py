@@ -1,4 +1,4 @@
-"""The database schema as SQLAlchemy Core tables. Migrations under ``hookline/migrations`` create it;
+"""The database schema as SQLAlchemy Core tables. Migrations under ``hookline/store/migrations`` create it;
 ``tests/test_migrations.py`` checks the two agree.
 
 Times are epoch milliseconds (BIGINT) on every database: exact, cheap to compare, and free of the
@@ -17,6 +17,12 @@ JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 # SQLite only auto-increments an INTEGER PRIMARY KEY.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
+# A key with limits the claim holds its jobs to (hookline.store.claim).
+KEY_LIMITED = (
+    "max_concurrency IS NOT NULL OR requests_per_minute IS NOT NULL"
+    " OR tokens_per_minute IS NOT NULL"
+)
+
 api_keys = sa.Table(
     "api_keys",
     metadata,
@@ -26,6 +32,34 @@ api_keys = sa.Table(
     sa.Column("prefix", sa.String(16), nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("revoked_at", sa.BigInteger, nullable=True),
+    sa.Column("name", sa.String(128), nullable=True),
+    sa.Column("expires_at", sa.BigInteger, nullable=True),
+    sa.Column("last_used_at", sa.BigInteger, nullable=True),
+    sa.Column("admin", sa.Boolean, nullable=False, server_default=sa.false()),
+    # The key's own limits (hookline.fairness.KeyLimits), within its tenant's; NULL: none.
+    sa.Column("max_concurrency", sa.Integer, nullable=True),
+    sa.Column("requests_per_minute", sa.Integer, nullable=True),
+    sa.Column("tokens_per_minute", sa.Integer, nullable=True),
+    sa.Column("daily_token_budget", sa.BigInteger, nullable=True),
+    sa.Column("monthly_token_budget", sa.BigInteger, nullable=True),
+    # The claim asks, per tenant with queued jobs, whether one of its keys has limits of its
+    # own: a seek in this index, which holds only such keys (most have none).
+    sa.Index(
+        "ix_api_keys_limited",
+        "tenant",
+        sqlite_where=sa.text(KEY_LIMITED),
+        postgresql_where=sa.text(KEY_LIMITED),
+    ),
+)
+
+# What is stored of a tenant beyond its keys: its weight in fair sharing (hookline.fairness),
+# set by `hookline keys create --weight`. A weight in the tenant's [[tenants]] entry wins.
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("weight", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
 )
 
 jobs = sa.Table(
@@ -55,11 +89,20 @@ jobs = sa.Table(
     sa.Column("lease_token", sa.String(40), nullable=True),
     sa.Column("lease_expires_at", sa.BigInteger, nullable=True),
     sa.Column("event_seq", sa.Integer, nullable=False),
-    sa.Column("webhook", JSONType, nullable=True),  # {"url", "events"} of a per-job webhook
+    # A job's own deliveries: {"url", "events"} of its webhook, and "sinks" (names) it asked for.
+    sa.Column("webhook", JSONType, nullable=True),
     # An item of a batch: the batch and the item's line in the input file (1-based).
     sa.Column("batch_id", sa.String(40), nullable=True),
     sa.Column("batch_line", sa.Integer, nullable=True),
     sa.Column("custom_id", sa.String(512), nullable=True),
+    sa.Column("traceparent", sa.String(64), nullable=True),  # the submitter's W3C trace context
+    # Fair sharing (hookline.fairness): the job's lane, the tokens a start reserves under a
+    # token limit, and the last attempt's usage.
+    sa.Column("lane", sa.String(16), nullable=False, server_default="default"),
+    sa.Column("expected_tokens", sa.Integer, nullable=True),
+    sa.Column("input_tokens", sa.Integer, nullable=True),
+    sa.Column("output_tokens", sa.Integer, nullable=True),
+    sa.Column("key_id", sa.String(40), nullable=True),  # the API key that submitted it
     # Partial indexes: most jobs have no idempotency key and are not running, and an index entry
     # that is never looked up still costs every insert.
     sa.Index(
@@ -70,8 +113,9 @@ jobs = sa.Table(
         sqlite_where=sa.text("idempotency_key IS NOT NULL"),
         postgresql_where=sa.text("idempotency_key IS NOT NULL"),
     ),
-    # The claim query: next runnable job of one upstream, highest priority first, then FIFO.
-    sa.Index("ix_jobs_claim", "status", "upstream", sa.desc("priority"), "id"),
+    # The claim (hookline.store.claim): the tenants with queued jobs in each lane of an upstream,
+    # then each one's next jobs, highest priority first, then FIFO.
+    sa.Index("ix_jobs_claim", "status", "upstream", "lane", "tenant", sa.desc("priority"), "id"),
     sa.Index("ix_jobs_tenant_id", "tenant", "id"),
     # A batch's items, by status (progress) and by line (the result files).
     sa.Index(
@@ -103,6 +147,38 @@ upstream_rates = sa.Table(
     sa.Column("upstream", sa.String(64), primary_key=True),
     sa.Column("tokens", sa.Float, nullable=False),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
+)
+
+# Fair sharing's memory, kept by the claims (hookline.store.claim): per upstream and lane, each
+# tenant's virtual time (its ``pass``: how much it was served, divided by its weight) and, in the
+# row of tenant '', the lane's own clock and (batch lane) the starts owed to it by its floor.
+fair_shares = sa.Table(
+    "fair_shares",
+    metadata,
+    sa.Column("upstream", sa.String(64), primary_key=True),
+    sa.Column("lane", sa.String(16), primary_key=True),
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("pass", sa.Float, nullable=False),
+    sa.Column("credit", sa.Float, nullable=False, server_default="0"),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+)
+
+# The starts of the last minute under a per-minute limit (a tenant's requests or tokens, an
+# upstream's tokens): one row per scope (``t:<tenant>``, ``u:<upstream>``) and attempt, holding
+# the tokens reserved at the start and settled from the usage at the end. Rows older than a
+# minute are deleted by the claims that add new ones.
+usage_window = sa.Table(
+    "usage_window",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("scope", sa.String(80), nullable=False),
+    sa.Column("job_id", sa.String(40), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.BigInteger, nullable=False),
+    sa.Column("tokens", sa.Integer, nullable=False),
+    sa.Index("ix_usage_window_scope", "scope", "started_at"),
+    sa.Index("ix_usage_window_job", "job_id", "attempt"),
+    sqlite_autoincrement=True,
 )
 
 events = sa.Table(
@@ -186,6 +262,10 @@ deliveries = sa.Table(
     sa.Column("last_error", sa.String(1024), nullable=True),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("traceparent", sa.String(64), nullable=True),  # its job's, sent as a header
+    # The destination's kind: NULL for a webhook (to ``url``), else the data sink's name (``url``
+    # then reads ``sink:<name>``).
+    sa.Column("sink", sa.String(64), nullable=True),
     sa.Index(
         "ix_deliveries_due",
         "next_attempt_at",
@@ -282,6 +362,55 @@ batches = sa.Table(
     sa.Column("progress_at", sa.BigInteger, nullable=True),  # last batch.progress event
     sa.Column("lease_token", sa.String(40), nullable=True),  # the runner looking after it
     sa.Column("lease_expires_at", sa.BigInteger, nullable=True),
+    # The upstreams whose items run as provider batches (docs/async-upstreams.md); NULL: none.
+    sa.Column("provider_upstreams", JSONType, nullable=True),
     sa.Index("ix_batches_tenant", "tenant", "id"),
     sa.Index("ix_batches_status", "status"),
+)
+
+# A provider batch: one part of a hookline batch's items, run by an upstream's own batch API
+# (hookline.batches.provider). Its ids at the provider are written in the transaction that
+# records its creation; ``creating_at`` says a creation was tried, so a process that takes over
+# looks the batch up at the provider (by its metadata) before it creates one again.
+provider_batches = sa.Table(
+    "provider_batches",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # <batch id>.<part>
+    sa.Column("batch_id", sa.String(40), nullable=False),
+    sa.Column("part", sa.Integer, nullable=False),
+    sa.Column("upstream", sa.String(64), nullable=False),
+    sa.Column("first_line", sa.Integer, nullable=False),  # its items' lines, both included
+    sa.Column("last_line", sa.Integer, nullable=False),
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # pending creating submitted fetching done
+    sa.Column("provider_status", sa.String(32), nullable=True),
+    sa.Column("provider_batch_id", sa.String(128), nullable=True),
+    sa.Column("provider_file_id", sa.String(128), nullable=True),
+    sa.Column("output_file_id", sa.String(128), nullable=True),
+    sa.Column("error_file_id", sa.String(128), nullable=True),
+    sa.Column("results_url", sa.String(2048), nullable=True),
+    sa.Column("completed", sa.Integer, nullable=False),  # the provider's request_counts
+    sa.Column("failed", sa.Integer, nullable=False),
+    sa.Column("errors", JSONType, nullable=True),
+    sa.Column("stop", sa.String(16), nullable=True),  # cancelled | expired: being stopped, why
+    sa.Column("stop_sent", sa.Boolean, nullable=False),
+    sa.Column("creating_at", sa.BigInteger, nullable=True),
+    sa.Column("next_poll_at", sa.BigInteger, nullable=False),
+    sa.Column("poll_ms", sa.Integer, nullable=False),  # the wait before the next poll
+    sa.Column("polls", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_provider_batches_batch", "batch_id", "part"),
+    sa.Index("ix_provider_batches_provider", "upstream", "provider_batch_id"),
+)
+
+# Inbound webhooks seen (POST /v1/inbound/{upstream}): a replayed webhook-id is refused. Rows
+# older than twice the timestamp tolerance are deleted as new ones come.
+inbound_webhooks = sa.Table(
+    "inbound_webhooks",
+    metadata,
+    sa.Column("upstream", sa.String(64), primary_key=True),
+    sa.Column("webhook_id", sa.String(256), primary_key=True),
+    sa.Column("received_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_inbound_webhooks_received", "received_at"),
 )

@@ -1,88 +1,26 @@
-"""Webhook storage: endpoints, secrets, and the sender's and the API's side of the delivery
-outbox (which :mod:`hookline.store.outbox` fills). Same Database as the jobs."""
+"""The SQL implementation of :class:`~hookline.store.base_deliveries.Deliveries`: endpoints,
+their secrets, and the delivery outbox as the API reads and replays it. The sender's claims and
+recordings are in :mod:`hookline.store.outbox_sender`; the job store writes the messages
+(:mod:`hookline.store.outbox`). Same Database as the jobs."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Collection
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
-from sqlalchemy.dialects import postgresql
 
-from hookline.deliveries import Attempt, AttemptOutcome, Delivery, Endpoint
-from hookline.events import EventType
+from hookline.deliveries import Attempt, Delivery, DeliveryStatus, Endpoint, new_secret, sources_for
 from hookline.ids import new_id
-from hookline.store.database import Database, chosen_once
-from hookline.store.outbox import (
-    FAILED,
-    PENDING,
-    SUCCEEDED,
-    report_disabled,
-    space_deltas_after_sends,
-)
+from hookline.jobs import iso
+from hookline.store.base_deliveries import ClaimRequest, Deliveries, RecordedAttempt
+from hookline.store.database import Database
+from hookline.store.outbox import order_key
+from hookline.store.outbox_sender import claim_messages, record_outcomes
 from hookline.store.schema import deliveries, delivery_attempts, webhook_endpoints, webhook_secrets
-from hookline.webhooks import new_secret
 
-
-def _claim_statement(busy: Collection[str]) -> sa.Update:
-    """Lease the due heads of their order_key (bind ``now``, ``limit``, ``token``, ``expires``):
-    one statement, which picks and leases together."""
-    if not busy:
-        return _CLAIM_ANYWHERE
-    due = _build_due().where(
-        sa.not_(sa.or_(*(deliveries.c.order_key.startswith(f"{d}|") for d in busy)))
-    )
-    return _leasing(due)
-
-
-def _build_due() -> sa.Select[tuple[str]]:
-    """Heads of their order_key that are due, not leased, whose endpoint is enabled."""
-    now = sa.bindparam("now", type_=sa.BigInteger)
-    earlier = deliveries.alias("earlier")
-    query = (
-        sa.select(deliveries.c.id)
-        .select_from(
-            deliveries.outerjoin(
-                webhook_endpoints, webhook_endpoints.c.id == deliveries.c.endpoint_id
-            )
-        )
-        .where(
-            deliveries.c.status == sa.literal_column("'pending'"),
-            deliveries.c.next_attempt_at <= now,
-            sa.or_(deliveries.c.lease_expires_at.is_(None), deliveries.c.lease_expires_at < now),
-            sa.or_(deliveries.c.endpoint_id.is_(None), webhook_endpoints.c.enabled.is_(True)),
-            ~sa.exists().where(
-                earlier.c.order_key == deliveries.c.order_key,
-                earlier.c.status == PENDING,
-                sa.tuple_(earlier.c.seq, earlier.c.id)
-                < sa.tuple_(deliveries.c.seq, deliveries.c.id),
-            ),
-        )
-        .order_by(deliveries.c.next_attempt_at)  # the index's order: the scan stops at the limit
-        # Bound, not rendered into the text: one prepared statement on PostgreSQL, whatever the
-        # room the sender claims for (20 sizes in one benchmark run, each prepared per connection).
-        .limit(sa.bindparam("limit", type_=sa.Integer))
-        .with_for_update(skip_locked=True, of=deliveries)
-    )
-    return query
-
-
-def _leasing(due: sa.Select[tuple[str]]) -> sa.Update:
-    return (
-        sa.update(deliveries)
-        .where(deliveries.c.id.in_(chosen_once(due, "due")))
-        .values(
-            lease_token=sa.bindparam("token", type_=sa.String),
-            lease_expires_at=sa.bindparam("expires", type_=sa.BigInteger),
-        )
-        .returning(*deliveries.c)
-    )
-
-
-# Built once: constructing these statements cost more than running them.
-_CLAIM_ANYWHERE = _leasing(_build_due())
+TEST_EVENT = "endpoint.test"
 
 
 def _secret_owner(endpoint_id: str | None) -> sa.ColumnElement[bool]:
@@ -92,9 +30,10 @@ def _secret_owner(endpoint_id: str | None) -> sa.ColumnElement[bool]:
     return webhook_secrets.c.endpoint_id == endpoint_id
 
 
-class DeliveryStore:
+class SQLDeliveries(Deliveries):
     def __init__(self, database: Database) -> None:
         self.database = database
+        self.capabilities = database.capabilities
 
     # --- endpoints
 
@@ -180,8 +119,15 @@ class DeliveryStore:
             )
             conn.execute(
                 sa.update(deliveries)
-                .where(deliveries.c.endpoint_id == endpoint_id, deliveries.c.status == PENDING)
-                .values(status=FAILED, last_error="endpoint deleted", updated_at=now)
+                .where(
+                    deliveries.c.endpoint_id == endpoint_id,
+                    deliveries.c.status.in_(_values(sources_for(DeliveryStatus.FAILED))),
+                )
+                .values(
+                    status=DeliveryStatus.FAILED.value,
+                    last_error="endpoint deleted",
+                    updated_at=now,
+                )
             )
             return True
 
@@ -190,9 +136,6 @@ class DeliveryStore:
     # --- secrets
 
     async def signing_secrets(self, tenant: str, endpoint_id: str | None, now: int) -> list[str]:
-        """The secrets that sign for an endpoint (or the tenant's default), newest first;
-        the tenant's default secret is created on first use."""
-
         def fetch(conn: Connection) -> list[str]:
             owner = _secret_owner(endpoint_id)
             query = (
@@ -228,8 +171,6 @@ class DeliveryStore:
     async def rotate_secret(
         self, tenant: str, endpoint_id: str | None, overlap_ms: int, now: int
     ) -> str:
-        """A new current secret; the previous ones keep signing for ``overlap_ms``."""
-
         def rotate(conn: Connection) -> str:
             owner = _secret_owner(endpoint_id)
             conn.execute(
@@ -264,10 +205,9 @@ class DeliveryStore:
         self, now: int, limit: int, lease_token: str, lease_expires_at: int, busy: Collection[str]
     ) -> list[Delivery]:
         claim = ClaimRequest(now, limit, lease_token, lease_expires_at, busy)
-        return await self.database.write(lambda conn: _claim(conn, claim), bulk=True)
+        return await self.database.write(lambda conn: claim_messages(conn, claim), bulk=True)
 
     async def release(self, delivery_ids: Collection[str], lease_token: str) -> None:
-        """Give back claimed messages unsent."""
         statement = (
             sa.update(deliveries)
             .where(deliveries.c.id.in_(list(delivery_ids)), deliveries.c.lease_token == lease_token)
@@ -278,14 +218,12 @@ class DeliveryStore:
     async def record_attempts(
         self, results: list[RecordedAttempt], then_claim: ClaimRequest | None = None
     ) -> tuple[list[bool], list[Delivery]]:
-        """Log attempts and apply their outcomes, all in one transaction. For each: False if the
-        lease was lost meanwhile (someone else owns the message now). With ``then_claim``, the
-        same transaction claims the next messages: under load the sender spends one commit, not
-        two, per batch of sends."""
-
+        # Claiming in the recording's transaction: under load the sender spends one commit, not
+        # two, per batch of sends.
         def record(conn: Connection) -> tuple[list[bool], list[Delivery]]:
-            held = _record_all(conn, results) if results else []
-            return held, _claim(conn, then_claim) if then_claim else []
+            held = record_outcomes(conn, results) if results else []
+            claimed = claim_messages(conn, then_claim) if then_claim else []
+            return held, claimed
 
         return await self.database.write(record, bulk=True)
 
@@ -311,10 +249,12 @@ class DeliveryStore:
         until: int | None = None,
         before_id: str | None = None,
         limit: int = 50,
+        sink: str | None = None,
     ) -> list[Delivery]:
         query = sa.select(deliveries).where(deliveries.c.tenant == tenant)
         for column, value in (
             (deliveries.c.endpoint_id, endpoint_id),
+            (deliveries.c.sink, sink),
             (deliveries.c.job_id, job_id),
             (deliveries.c.status, status),
         ):
@@ -355,6 +295,30 @@ class DeliveryStore:
 
         return await self.database.read(fetch)
 
+    async def send_test(self, tenant: str, endpoint_id: str, now: int) -> str | None:
+        def write(conn: Connection) -> str | None:
+            endpoint = conn.execute(
+                sa.select(webhook_endpoints.c.url).where(
+                    webhook_endpoints.c.tenant == tenant, webhook_endpoints.c.id == endpoint_id
+                )
+            ).first()
+            if endpoint is None:
+                return None
+            message_id = new_id("msg")
+            data = {"endpoint_id": endpoint_id, "message": "a test event, sent from the dashboard"}
+            message = {
+                "id": message_id, "tenant": tenant, "endpoint_id": endpoint_id,
+                "url": endpoint.url, "job_id": None, "event_type": TEST_EVENT,
+                "payload": {"type": TEST_EVENT, "timestamp": iso(now), "data": data},
+                "order_key": order_key(endpoint_id, endpoint.url, None),
+                "status": DeliveryStatus.PENDING.value, "attempts": 0, "next_attempt_at": now,
+                "created_at": now, "updated_at": now,
+            }  # fmt: skip
+            conn.execute(sa.insert(deliveries).values(**message))
+            return message_id
+
+        return await self.database.write(write)
+
     async def resend(
         self,
         tenant: str,
@@ -364,18 +328,54 @@ class DeliveryStore:
         endpoint_id: str | None = None,
         since: int | None = None,
     ) -> int:
-        """Queue failed (or, for one delivery, any finished) messages to be sent again now."""
-        statement = sa.update(deliveries).where(deliveries.c.tenant == tenant)
+        statement = sa.update(deliveries).where(
+            deliveries.c.tenant == tenant,
+            deliveries.c.status.in_(_values(sources_for(DeliveryStatus.PENDING))),
+        )
         if delivery_id is not None:
             statement = statement.where(deliveries.c.id == delivery_id)
         else:
             statement = statement.where(
                 deliveries.c.endpoint_id == endpoint_id,
-                deliveries.c.status == FAILED,
+                deliveries.c.status == DeliveryStatus.FAILED.value,
                 deliveries.c.created_at >= (since or 0),
             )
         statement = statement.values(
-            status=PENDING,
+            status=DeliveryStatus.PENDING.value,
+            next_attempt_at=now,
+            lease_token=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        return await self.database.write(lambda conn: conn.execute(statement).rowcount)
+
+    async def send_sink_test(self, tenant: str, sink: str, now: int) -> str:
+        from hookline.store.outbox import SINK_PREFIX, SINK_TEST_EVENT, order_key
+
+        message_id = new_id("msg")
+        body = {"type": SINK_TEST_EVENT, "timestamp": iso(now), "data": {"sink": sink}}
+        row = {
+            "id": message_id, "tenant": tenant, "endpoint_id": None, "url": SINK_PREFIX + sink,
+            "job_id": None, "event_type": SINK_TEST_EVENT, "payload": body,
+            "order_key": order_key(None, "", None, sink), "status": DeliveryStatus.PENDING.value,
+            "attempts": 0, "next_attempt_at": now, "created_at": now, "updated_at": now,
+            "sink": sink,
+        }  # fmt: skip
+        await self.database.write(lambda conn: conn.execute(sa.insert(deliveries).values(**row)))
+        return message_id
+
+    async def resend_sink(
+        self, sink: str, now: int, *, tenant: str | None = None, since: int | None = None
+    ) -> int:
+        statement = sa.update(deliveries).where(
+            deliveries.c.sink == sink,
+            deliveries.c.status == DeliveryStatus.FAILED.value,
+            deliveries.c.created_at >= (since or 0),
+        )
+        if tenant is not None:
+            statement = statement.where(deliveries.c.tenant == tenant)
+        statement = statement.values(
+            status=DeliveryStatus.PENDING.value,
             next_attempt_at=now,
             lease_token=None,
             lease_expires_at=None,
@@ -384,12 +384,10 @@ class DeliveryStore:
         return await self.database.write(lambda conn: conn.execute(statement).rowcount)
 
     async def delete_settled(self, before: int, limit: int) -> int:
-        """Delete up to ``limit`` messages settled (sent or failed for good) before ``before``,
-        with their attempt log; the number deleted. Call again while it returns ``limit``."""
         oldest = (
             sa.select(deliveries.c.id)
             # A literal status, so that the partial index ix_deliveries_settled applies.
-            .where(deliveries.c.status != sa.literal_column("'pending'"))
+            .where(deliveries.c.status != sa.literal_column(f"'{DeliveryStatus.PENDING.value}'"))
             .where(deliveries.c.updated_at < before)
             .order_by(deliveries.c.updated_at)
             .limit(limit)
@@ -407,177 +405,5 @@ class DeliveryStore:
         return await self.database.write(delete)
 
 
-def _update_endpoint_health(
-    conn: Connection, endpoint_id: str, outcome: AttemptOutcome, now: int
-) -> None:
-    table = webhook_endpoints
-    if outcome.succeeded:
-        values: dict[str, Any] = {"last_success_at": now, "failing_since": None}
-    else:
-        values = {"failing_since": sa.func.coalesce(table.c.failing_since, now)}
-    if not outcome.disable_endpoint:
-        conn.execute(sa.update(table).where(table.c.id == endpoint_id).values(**values))
-        return
-    values.update(enabled=False, disabled_reason=outcome.disable_endpoint, updated_at=now)
-    row = (
-        conn.execute(
-            sa.update(table)
-            .where(table.c.id == endpoint_id, table.c.enabled.is_(True))
-            .values(**values)
-            .returning(*table.c)
-        )
-        .mappings()
-        .first()
-    )
-    if row is not None:
-        report_disabled(conn, Endpoint.from_row(row), now)
-
-
-RecordedAttempt = tuple[Delivery, str, AttemptOutcome, int]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ClaimRequest:
-    """Claim up to ``limit`` due messages under ``lease_token``, none for a ``busy`` destination."""
-
-    now: int
-    limit: int
-    lease_token: str
-    lease_expires_at: int
-    busy: Collection[str]
-
-
-def _claim(conn: Connection, claim: ClaimRequest) -> list[Delivery]:
-    if claim.limit <= 0:
-        return []
-    params = {
-        "now": claim.now,
-        "limit": claim.limit,
-        "token": claim.lease_token,
-        "expires": claim.lease_expires_at,
-    }
-    rows = conn.execute(_claim_statement(claim.busy), params).mappings()
-    return sorted((Delivery.from_row(r) for r in rows), key=lambda d: d.id)
-
-
-def _success_update(chosen: sa.ColumnElement[bool]) -> sa.Update:
-    return (
-        sa.update(deliveries)
-        .where(chosen, deliveries.c.lease_token == sa.bindparam("token"))
-        .values(
-            status=SUCCEEDED,
-            attempts=deliveries.c.attempts + 1,
-            lease_token=None,
-            lease_expires_at=None,
-            updated_at=sa.bindparam("now", type_=sa.BigInteger),
-            last_status_code=sa.bindparam("code", type_=sa.Integer),
-            last_error=None,
-        )
-        .returning(deliveries.c.id)
-    )
-
-
-# Successes, the common case, are applied a group at a time (one statement for every message of
-# one lease and status code); RETURNING says which leases were still held. On PostgreSQL the ids
-# go as one array: an expanding IN is rendered anew for every batch, a cast per id (~4 µs each),
-# and each batch size is another statement for the server to prepare.
-_apply_success = {
-    "sqlite": _success_update(deliveries.c.id.in_(sa.bindparam("ids", expanding=True))),
-    "postgresql": _success_update(
-        deliveries.c.id == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(sa.String)))
-    ),
-}
-
-_apply_outcome = (
-    sa.update(deliveries)
-    .where(
-        deliveries.c.id == sa.bindparam("b_id"),
-        deliveries.c.lease_token == sa.bindparam("b_token"),
-    )
-    .values(
-        status=sa.bindparam("b_status"),
-        attempts=deliveries.c.attempts + 1,
-        next_attempt_at=sa.bindparam("b_next_at"),
-        lease_token=None,
-        lease_expires_at=None,
-        updated_at=sa.bindparam("b_now"),
-        last_status_code=sa.bindparam("b_code"),
-        last_error=sa.bindparam("b_error"),
-    )
-    .returning(deliveries.c.id)
-)
-_insert_attempt = sa.insert(delivery_attempts)
-
-
-def _record_all(conn: Connection, results: list[RecordedAttempt]) -> list[bool]:
-    """Apply a batch of outcomes with a few statements for the whole batch, not a few per
-    message: recording attempts is the sender's main database cost."""
-    successes: dict[tuple[str, int | None], list[RecordedAttempt]] = {}
-    held: set[str] = set()
-    for result in results:
-        delivery, token, outcome, now = result
-        if outcome.succeeded:
-            successes.setdefault((token, outcome.status_code), []).append(result)
-        else:  # rare: one statement each
-            params = _outcome_params(*result)
-            held.update(conn.execute(_apply_outcome, params).scalars())
-    for (token, code), group in successes.items():
-        params = {
-            "ids": [delivery.id for delivery, *_ in group],
-            "token": token,
-            "now": max(now for *_, now in group),
-            "code": code,
-        }
-        held.update(conn.execute(_apply_success[conn.dialect.name], params).scalars())
-    kept = [r for r in results if r[0].id in held]
-    sent_deltas: dict[str, int] = {}
-    for delivery, _, outcome, now in kept:
-        if outcome.succeeded and delivery.event_type == EventType.OUTPUT_DELTA.value:
-            sent_deltas[delivery.order_key] = max(now, sent_deltas.get(delivery.order_key, 0))
-    if sent_deltas:  # rare: only endpoints that asked for output deltas get them
-        space_deltas_after_sends(conn, sent_deltas)
-    if kept:
-        conn.execute(
-            _insert_attempt,
-            [
-                {
-                    "delivery_id": delivery.id,
-                    "attempted_at": now,
-                    "status_code": outcome.status_code,
-                    "latency_ms": outcome.latency_ms,
-                    "error": outcome.error,
-                    "response_excerpt": outcome.response_excerpt,
-                }
-                for delivery, _, outcome, now in kept
-            ],
-        )
-        # Endpoint health: the last outcome per endpoint decides (successes clear failing_since).
-        last: dict[str, tuple[AttemptOutcome, int]] = {}
-        for delivery, _, outcome, now in kept:
-            if delivery.endpoint_id is not None:
-                previous = last.get(delivery.endpoint_id)
-                if previous is None or not previous[0].disable_endpoint:
-                    last[delivery.endpoint_id] = (outcome, now)
-        for endpoint_id, (outcome, now) in last.items():
-            _update_endpoint_health(conn, endpoint_id, outcome, now)
-    return [r[0].id in held for r in results]
-
-
-def _outcome_params(
-    delivery: Delivery, token: str, outcome: AttemptOutcome, now: int
-) -> dict[str, Any]:
-    if outcome.succeeded:
-        status, next_at = SUCCEEDED, delivery.next_attempt_at
-    elif outcome.next_attempt_at is None:
-        status, next_at = FAILED, delivery.next_attempt_at
-    else:
-        status, next_at = PENDING, outcome.next_attempt_at
-    return {
-        "b_id": delivery.id,
-        "b_token": token,
-        "b_status": status,
-        "b_next_at": next_at,
-        "b_now": now,
-        "b_code": outcome.status_code,
-        "b_error": outcome.error,
-    }
+def _values(statuses: Collection[DeliveryStatus]) -> list[str]:
+    return sorted(status.value for status in statuses)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from hookline.jobs import Operation
-from hookline.upstreams.base import DeltaSink
+from hookline.upstreams.base import DeltaSink, bad_response
 
 _HEADER_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
 
@@ -30,6 +30,21 @@ class StreamAssembler:
         (a burst of a fast upstream is one live delta, not hundreds)."""
         if not chunks:
             return
+        texts = []
+        try:
+            self._take(chunks)
+            for index, state in self.choices.items():
+                parts = state["text"]
+                sent = self._sent.get(index, 0)
+                if len(parts) > sent:
+                    self._sent[index] = len(parts)
+                    texts.append((index, "".join(parts[sent:])))
+        except (AttributeError, TypeError, ValueError) as exc:  # JSON, but not chunks
+            raise bad_response(f"it sent an event that is not a chunk: {exc!r}"[:300]) from exc
+        for index, text in texts:
+            self.on_delta(index, text)
+
+    def _take(self, chunks: tuple[dict[str, Any], ...]) -> None:
         header = self.header
         for key in _HEADER_KEYS:  # the last value given wins: looked up from the end, once
             for chunk in reversed(chunks):
@@ -58,12 +73,6 @@ class StreamAssembler:
                         state["text"].append(content)
                     continue
                 self._take_choice(choice)
-        for index, state in self.choices.items():
-            parts = state["text"]
-            sent = self._sent.get(index, 0)
-            if len(parts) > sent:
-                self._sent[index] = len(parts)
-                self.on_delta(index, "".join(parts[sent:]))
 
     def _take_choice(self, choice: dict[str, Any]) -> None:
         index = int(choice.get("index", 0))
@@ -139,9 +148,12 @@ class StreamAssembler:
                 "logprobs": logprobs,
                 "finish_reason": state.get("finish_reason"),
             }
-        message: dict[str, Any] = {"role": state.get("role", "assistant"), "content": text or None}
-        if state.get("refusal"):
-            message["refusal"] = state["refusal"]
+        # refusal is required by OpenAI's schema of a chat completion message (null: none).
+        message: dict[str, Any] = {
+            "role": state.get("role", "assistant"),
+            "content": text or None,
+            "refusal": state.get("refusal") or None,
+        }
         if state["tools"]:
             message["tool_calls"] = [state["tools"][i] for i in sorted(state["tools"])]
         return {

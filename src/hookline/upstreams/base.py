@@ -1,4 +1,5 @@
-"""The upstream interface and its error type."""
+"""The upstream interface and its error type (the implementations are found through
+:mod:`hookline.upstreams.registry`)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from hookline.config import Settings, UpstreamConfig
+from hookline.config import UpstreamConfig
 from hookline.jobs import Operation
 
 # Called with (choice index, text) for each piece of streamed output.
 DeltaSink = Callable[[int, str], None]
+# Handed a function that gives the output so far (text, tool calls, usage as far as they came):
+# what an attempt cut short keeps.
+PartialSink = Callable[[Callable[[], dict[str, Any]]], None]
 
-RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+# 529: "overloaded" (Anthropic, and some proxies).
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
 
 class UpstreamError(Exception):
@@ -50,6 +55,23 @@ class UpstreamError(Exception):
         )
 
 
+def bad_response(detail: str) -> UpstreamError:
+    """The upstream's answer is not what its protocol allows (garbage, a broken proxy): retried,
+    as a flaky server or proxy may answer properly next time."""
+    return UpstreamError(
+        "upstream_bad_response", f"the upstream's answer is not valid: {detail}", retryable=True
+    )
+
+
+def output_too_large(limit: int) -> UpstreamError:
+    """The answer passed the upstream's ``max_output_bytes``: not retried, as the same request
+    would most likely run past it again."""
+    return UpstreamError(
+        "output_too_large",
+        f"the upstream's answer passed the limit of {limit} bytes (max_output_bytes)",
+    )
+
+
 def _error_message(body: Any) -> str | None:
     if isinstance(body, dict):
         error = body.get("error")
@@ -79,8 +101,12 @@ class Upstream(abc.ABC):
         on_delta: DeltaSink,
         *,
         held_until: asyncio.Future[Any] | None = None,
+        partial: PartialSink | None = None,
     ) -> dict[str, Any]:
         """Perform one attempt and return the output as the OpenAI API shapes it.
+
+        ``partial``: an upstream that assembles its output as it streams hands it a function
+        giving the output so far, for an attempt cancelled before its end.
 
         ``held_until``: while this future is pending nobody can see the text (the job's accept is
         still committing), so an upstream that reads bursts may take only the start of the answer
@@ -88,15 +114,3 @@ class Upstream(abc.ABC):
 
         Raises :class:`UpstreamError`. Cancelling the calling task aborts the upstream call.
         """
-
-
-def build_upstreams(settings: Settings) -> dict[str, Upstream]:
-    """One :class:`Upstream` per configured entry, keyed by name."""
-    from hookline.upstreams.llama import LlamaUpstream
-    from hookline.upstreams.openai import OpenAIUpstream
-
-    kinds: dict[str, Callable[[UpstreamConfig], Upstream]] = {
-        "openai": OpenAIUpstream,
-        "llama_cpp": LlamaUpstream,
-    }
-    return {u.name: kinds[u.type](u) for u in settings.upstreams}

@@ -9,8 +9,10 @@ thread checks between tokens, so an aborted job frees the model within one token
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,8 @@ from typing import Any
 from hookline.config import UpstreamConfig
 from hookline.jobs import Operation
 from hookline.upstreams.assembly import StreamAssembler
-from hookline.upstreams.base import DeltaSink, Upstream, UpstreamError
+from hookline.upstreams.base import DeltaSink, PartialSink, Upstream, UpstreamError
+from hookline.upstreams.registry import register
 
 # Sampling parameters llama-cpp-python understands; anything else in the request is ignored.
 _CHAT_KEYS = {
@@ -32,6 +35,21 @@ _COMPLETION_KEYS = {
 }  # fmt: skip
 _DEFAULT_MAX_TOKENS = 256
 _END = object()
+
+
+def _close_llama_devnull() -> None:
+    """Close the two ``os.devnull`` files llama-cpp-python opens when it is imported
+    (``llama_cpp._utils``: it points the C library's output there while a model loads) and never
+    closes, which the interpreter reported as ``ResourceWarning: unclosed file '/dev/null'`` on
+    its way out (abetlen/llama-cpp-python#1828). Run at exit, when nothing loads a model."""
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        devnull = getattr(utils, name, None)
+        if devnull is not None:
+            devnull.close()
+
+
+atexit.register(_close_llama_devnull)
 
 
 def bundled_model_path() -> Path:
@@ -82,18 +100,37 @@ def _without_weight_repacking() -> Iterator[None]:
             bindings.llama_model_default_params = defaults
 
 
+@register("llama_cpp")
 class LlamaUpstream(Upstream):
     def __init__(self, config: UpstreamConfig) -> None:
         super().__init__(config)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama")
         self._model: Any = None
         self._load_lock = asyncio.Lock()
+        self._closed = False
 
     async def start(self) -> None:
+        """Load the model (once). Raises :class:`UpstreamError` ``upstream_closed`` after
+        :meth:`close`."""
+        await self._loaded_model()
+
+    async def _loaded_model(self) -> Any:
         async with self._load_lock:
+            self._refuse_if_closed()
             if self._model is None:
                 loop = asyncio.get_running_loop()
-                self._model = await loop.run_in_executor(self._executor, self._load)
+                model = await loop.run_in_executor(self._executor, self._load)
+                if self._closed:  # closed while it loaded
+                    await asyncio.to_thread(model.close)
+                    self._refuse_if_closed()
+                self._model = model
+            return self._model
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise UpstreamError(
+                "upstream_closed", f"upstream {self.name!r} is closed", retryable=True
+            )
 
     def _load(self) -> Any:
         from llama_cpp import Llama
@@ -103,6 +140,8 @@ class LlamaUpstream(Upstream):
             return Llama(model_path=str(path), n_ctx=self.config.context_size, verbose=False)
 
     async def close(self) -> None:
+        """Free the model and the thread that runs it; the upstream runs nothing after this."""
+        self._closed = True
         model, self._model = self._model, None
         if model is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, model.close)
@@ -115,19 +154,20 @@ class LlamaUpstream(Upstream):
         on_delta: DeltaSink,
         *,
         held_until: asyncio.Future[Any] | None = None,  # chunks come one at a time: no bursts
+        partial: PartialSink | None = None,
     ) -> dict[str, Any]:
         if operation is Operation.EMBEDDINGS:
             raise UpstreamError(
                 "unsupported_operation", "the local model does not serve embeddings", status=400
             )
-        await self.start()
+        model = await self._loaded_model()
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
 
         def generate() -> None:
             try:
-                for chunk in self._stream(operation, body):
+                for chunk in self._stream(model, operation, body):
                     if stop.is_set():
                         break
                     loop.call_soon_threadsafe(chunks.put_nowait, chunk)
@@ -138,6 +178,8 @@ class LlamaUpstream(Upstream):
 
         future = loop.run_in_executor(self._executor, generate)
         assembler = StreamAssembler(operation, on_delta)
+        if partial is not None:
+            partial(assembler.result)
         try:
             while (chunk := await chunks.get()) is not _END:
                 if isinstance(chunk, Exception):
@@ -152,14 +194,14 @@ class LlamaUpstream(Upstream):
         result["model"] = body.get("model") or result.get("model")
         return result
 
-    def _stream(self, operation: Operation, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _stream(
+        self, model: Any, operation: Operation, body: dict[str, Any]
+    ) -> Iterator[dict[str, Any]]:
         keys = _CHAT_KEYS if operation is Operation.CHAT_COMPLETIONS else _COMPLETION_KEYS
         kwargs = {k: v for k, v in body.items() if k in keys}
         kwargs.setdefault("max_tokens", _DEFAULT_MAX_TOKENS)
         if operation is Operation.CHAT_COMPLETIONS:
-            chunks: Iterator[dict[str, Any]] = self._model.create_chat_completion(
-                stream=True, **kwargs
-            )
+            chunks: Iterator[dict[str, Any]] = model.create_chat_completion(stream=True, **kwargs)
         else:
-            chunks = self._model.create_completion(stream=True, **kwargs)
+            chunks = model.create_completion(stream=True, **kwargs)
         return chunks
