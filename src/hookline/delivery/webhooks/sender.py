@@ -225,6 +225,9 @@ class WebhookSender:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
+            # Send loops are started where messages become ready; this catches any start missed
+            # (it costs nothing when every ready message already has a loop).
+            self._start_senders()
             claimed, asked = 0, 0
             if self._room() >= self._claim_batch or self._idle():
                 try:
@@ -403,9 +406,15 @@ class WebhookSender:
 
     async def _send_loop(self, first: Delivery) -> None:
         delivery: Delivery | None = first
-        while delivery is not None:
-            await self._send(delivery)
-            delivery = self._take_ready()
+        try:
+            while delivery is not None:
+                await self._send(delivery)
+                delivery = self._take_ready()
+        finally:
+            # Leave the set in the same step that found nothing ready: a done callback would
+            # run a step later, and messages made ready in between found every loop "running"
+            # and got none (a batch of sink publishes acknowledged together stalled that way).
+            self._senders.discard(asyncio.current_task())
         if self._room() >= self._claim_batch:
             self._wake.set()
 
