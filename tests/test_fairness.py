@@ -243,16 +243,21 @@ async def _client_of_key(live: LiveGateway, tenant: str, **limits: int) -> httpx
 async def test_a_keys_concurrency_holds_while_its_tenants_other_keys_run_alongside(
     database_url: str, upstream: ScriptedUpstream
 ) -> None:
-    settings = _settings(database_url, upstream, delay=0.4, concurrency=8)
+    # Calls long enough that the checks below run while the key's first job holds its slot,
+    # however loaded the machine.
+    settings = _settings(database_url, upstream, delay=0.8, concurrency=8)
     async with serve(settings) as live:
         limited = await _client_of_key(live, "acme", max_concurrency=1)
         other = await live.client_for("acme")
         mine = await _submit(limited, 4)
         theirs = await _submit(other, 4)
-        await asyncio.sleep(0.2)
-        shown = {job["id"]: job for job in await _jobs(other)}  # every job of the tenant
-        assert sum(1 for i in mine if shown[i]["started_at"]) == 1
-        assert all(shown[i]["started_at"] for i in theirs)  # not held back by the other key
+        for _ in range(200):  # the other key's jobs start at once, not held back by this one's
+            shown = {job["id"]: job for job in await _jobs(other)}  # every job of the tenant
+            if all(shown[i]["started_at"] for i in theirs):
+                break
+            await asyncio.sleep(0.05)
+        assert all(shown[i]["started_at"] for i in theirs), "the other key's jobs were held"
+        assert sum(1 for i in mine if shown[i]["status"] == "running") == 1
         queued = next(i for i in mine if shown[i]["status"] == "queued")
         waiting = (await other.get(f"/v1/jobs/{queued}")).json()
         assert waiting["waiting_for"] == "key_concurrency", waiting
@@ -376,12 +381,18 @@ async def test_a_keys_concurrency_holds_across_three_gateways(
             other = await live.client_for("acme")
             mine = set(await _submit(limited, 12))
             theirs = await _submit(other, 4)
-            most = 0
-            for _ in range(30):  # sample the running jobs for 1.5 s
+            most, finished = 0, 0
+            for _ in range(600):  # sample the running jobs until the key's twelve are done
                 running = (await other.get("/v1/jobs", params={"status": "running"})).json()
                 most = max(most, sum(1 for job in running["data"] if job["id"] in mine))
+                done = (
+                    await limited.get("/v1/jobs", params={"status": "succeeded", "limit": 100})
+                ).json()
+                finished = sum(1 for job in done["data"] if job["id"] in mine)
+                if finished == len(mine):
+                    break
                 await asyncio.sleep(0.05)
-            assert most == 2
+            assert finished == len(mine) and most == 2, (finished, most)
             for job_id in theirs:
                 await wait_for_status(other, job_id, {"succeeded"}, timeout=5)
             await limited.aclose()
