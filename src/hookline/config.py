@@ -172,7 +172,9 @@ class UpstreamConfig(_Section):
 _OPERATIONS = {
     "openai": frozenset({"chat.completions", "completions", "embeddings", "images.generations"}),
     "anthropic": frozenset({"chat.completions"}),
-    "llama_cpp": frozenset({"chat.completions", "completions", "embeddings"}),
+    # (A generating model in-process: llama.cpp gives embeddings only from a context made for
+    # them, so they are refused at submission rather than failed at run time.)
+    "llama_cpp": frozenset({"chat.completions", "completions"}),
 }
 
 

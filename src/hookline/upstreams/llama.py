@@ -156,10 +156,11 @@ class LlamaUpstream(Upstream):
         held_until: asyncio.Future[Any] | None = None,  # chunks come one at a time: no bursts
         partial: PartialSink | None = None,
     ) -> dict[str, Any]:
-        if operation is Operation.EMBEDDINGS:
-            raise UpstreamError(
-                "unsupported_operation", "the local model does not serve embeddings", status=400
-            )
+        if operation not in (Operation.CHAT_COMPLETIONS, Operation.COMPLETIONS):
+            raise UpstreamError(  # (refused at submission already; a job of an older config)
+                "unsupported_operation", f"the local model does not run {operation.value}",
+                status=400,
+            )  # fmt: skip
         model = await self._loaded_model()
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Any] = asyncio.Queue()
@@ -178,8 +179,8 @@ class LlamaUpstream(Upstream):
 
         future = loop.run_in_executor(self._executor, generate)
         assembler = StreamAssembler(operation, on_delta)
-        if partial is not None:
-            partial(assembler.result)
+        if partial is not None:  # (named by the job's model, not the file's path)
+            partial(lambda: {**assembler.result(), "model": body.get("model")})
         try:
             while (chunk := await chunks.get()) is not _END:
                 if isinstance(chunk, Exception):
