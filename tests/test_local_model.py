@@ -80,6 +80,7 @@ async def test_the_bundled_model_streams_through_the_openai_facade(database_url:
                 max_tokens=8,
                 temperature=0,
                 stream=True,
+                stream_options={"include_usage": True},
             )
             job_id = stream.headers["hookline-job-id"]
             chunks = [chunk async for chunk in stream.parse()]
@@ -88,3 +89,16 @@ async def test_the_bundled_model_streams_through_the_openai_facade(database_url:
         job = (await live.client.get(f"/v1/jobs/{job_id}")).json()
         assert job["status"] == "succeeded"
         assert job["output"]["choices"][0]["message"]["content"] == text
+        # The usage llama-cpp-python does not stream is counted: it ends the stream as asked,
+        # is the job's, and counts in the tenant's usage.
+        usage = chunks[-1].usage
+        assert usage is not None and not chunks[-1].choices
+        assert usage.prompt_tokens > 5 and 1 <= usage.completion_tokens <= 8
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+        assert job["output"]["usage"] == usage.model_dump(exclude_none=True)
+        [day] = (await live.client.get("/v1/usage")).json()["days"]
+        assert (day["model"], day["input_tokens"], day["output_tokens"]) == (
+            "local",
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        ), day

@@ -4,6 +4,10 @@ with llama-cpp-python.
 llama.cpp is not thread-safe per model, so one dedicated thread runs every generation; chunks cross
 into the event loop with ``call_soon_threadsafe``. Cancelling the job sets a flag that the generator
 thread checks between tokens, so an aborted job frees the model within one token.
+
+llama-cpp-python reports no usage when it streams, so the model's token generator is wrapped to
+count each generation's prompt and completion tokens as its own non-streamed usage counts them;
+the count ends the stream as an OpenAI usage chunk (token limits and budgets count local jobs).
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class LlamaUpstream(Upstream):
         self._model: Any = None
         self._load_lock = asyncio.Lock()
         self._closed = False
+        self._tokens = _TokenCount()  # the generation under way's (one at a time)
 
     async def start(self) -> None:
         """Load the model (once). Raises :class:`UpstreamError` ``upstream_closed`` after
@@ -137,7 +142,9 @@ class LlamaUpstream(Upstream):
 
         path = Path(self.config.model_path) if self.config.model_path else bundled_model_path()
         with _without_weight_repacking() if _cpu_has_amx() else contextlib.nullcontext():
-            return Llama(model_path=str(path), n_ctx=self.config.context_size, verbose=False)
+            model = Llama(model_path=str(path), n_ctx=self.config.context_size, verbose=False)
+        self._tokens = _count_tokens(model)
+        return model
 
     async def close(self) -> None:
         """Free the model and the thread that runs it; the upstream runs nothing after this."""
@@ -172,6 +179,8 @@ class LlamaUpstream(Upstream):
                     if stop.is_set():
                         break
                     loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+                else:
+                    loop.call_soon_threadsafe(chunks.put_nowait, self._tokens.usage_chunk())
             except Exception as exc:
                 loop.call_soon_threadsafe(chunks.put_nowait, exc)
             finally:
@@ -198,6 +207,7 @@ class LlamaUpstream(Upstream):
     def _stream(
         self, model: Any, operation: Operation, body: dict[str, Any]
     ) -> Iterator[dict[str, Any]]:
+        self._tokens.prompt = self._tokens.completion = 0
         keys = _CHAT_KEYS if operation is Operation.CHAT_COMPLETIONS else _COMPLETION_KEYS
         kwargs = {k: v for k, v in body.items() if k in keys}
         kwargs.setdefault("max_tokens", _DEFAULT_MAX_TOKENS)
@@ -206,3 +216,48 @@ class LlamaUpstream(Upstream):
         else:
             chunks = model.create_completion(stream=True, **kwargs)
         return chunks
+
+
+class _TokenCount:
+    """The tokens of the generation under way (the model's one thread runs one at a time)."""
+
+    def __init__(self) -> None:
+        self.prompt = 0
+        self.completion = 0
+
+    def usage_chunk(self) -> dict[str, Any]:
+        """The last chunk of a stream asked for ``include_usage``, in OpenAI's shape."""
+        usage = {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        }
+        return {"choices": [], "usage": usage}
+
+
+def _count_tokens(model: Any) -> _TokenCount:
+    """Count every generation's tokens: the prompt given to the model's token generator, and each
+    token it yields but the end-of-generation one (llama-cpp-python's own ``usage`` counts the
+    same). Wraps the generator on this model instance only."""
+    import llama_cpp
+
+    count = _TokenCount()
+    generate = model.generate
+    vocab = getattr(getattr(model, "_model", None), "vocab", None)
+    is_eog = getattr(llama_cpp, "llama_vocab_is_eog", None)
+    eos = model.token_eos()
+
+    def ends(token: int) -> bool:
+        if is_eog is not None and vocab is not None:
+            return bool(is_eog(vocab, token))
+        return bool(token == eos)
+
+    def counted(tokens: Any, *args: Any, **kwargs: Any) -> Iterator[int]:
+        count.prompt, count.completion = len(tokens), 0
+        for token in generate(tokens, *args, **kwargs):
+            if not ends(token):
+                count.completion += 1
+            yield token
+
+    model.generate = counted
+    return count
