@@ -37,7 +37,10 @@ async def assert_no_jobs(live: LiveGateway) -> None:
     [
         ({**CHAT, "operation": "image.magic"}, 422, ["operation", "chat.completions"]),
         ({**CHAT, "input": "not an object"}, 422, ["input"]),
-        ({**CHAT, "input": {"messages": []}}, 422, ["input.messages is required"]),
+        ({**CHAT, "input": {"messages": []}}, 422, ["input.messages must not be empty"]),
+        ({**CHAT, "input": {"messages": "hi"}}, 422, ["input.messages must be an array", "string"]),
+        ({**CHAT, "input": {"messages": 7}}, 422, ["input.messages must be an array", "number"]),
+        ({**CHAT, "input": {}}, 422, ["input.messages is required for chat.completions"]),
         ({**CHAT, "input": {"prompt": "x"}}, 422, ["input.messages"]),
         ({**CHAT, "operation": "embeddings"}, 422, ["input.input"]),
         (
@@ -58,6 +61,20 @@ async def test_invalid_job_bodies(
     live: LiveGateway, body: Any, status: int, words: list[str]
 ) -> None:
     assert_problem(await live.client.post("/v1/jobs", json=body), status, *words)
+    await assert_no_jobs(live)
+
+
+async def test_validation_errors_speak_of_the_callers_fields(live: LiveGateway) -> None:
+    """Locations name the request's fields, not pydantic's validator steps, and messages carry
+    no "Value error, " prefix."""
+    body = assert_problem(await live.client.post("/v1/jobs", json={**CHAT, "operation": 5}), 422)
+    assert {e["location"] for e in body["errors"]} == {"body.operation"}, body
+    assert not any("[" in e["location"] for e in body["errors"])
+    body = assert_problem(
+        await live.client.post("/v1/jobs", json={**CHAT, "input": {"messages": "hi"}}), 422
+    )
+    assert not any(e["message"].startswith("Value error") for e in body["errors"]), body
+    assert not body["detail"].count("Value error"), body
     await assert_no_jobs(live)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 import orjson
@@ -101,8 +102,24 @@ _ERROR_STATUS: list[tuple[type[HooklineError], int, str]] = [
 ]
 
 
+# The steps pydantic adds to an error's location inside a union or a validator chain
+# ("str-enum[JobOperation]", "constrained-str", "function-after[...]"): not the caller's fields.
+_VALIDATOR_STEP = re.compile(
+    r"(function-(after|before|wrap|plain)|(str|int)-enum|enum|union|tagged-union|chain|nullable"
+    r"|lax-or-strict|json-or-python|default|constrained-\w+|is-instance|literal)(\[.*\])?"
+)
+
+
 def _location(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc)
+    return ".".join(
+        str(part) for part in loc if not (isinstance(part, str) and _VALIDATOR_STEP.fullmatch(part))
+    )
+
+
+def _message(error: Any) -> str:
+    """Pydantic's message, without the "Value error, " it puts before a validator's own words."""
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ") if error.get("type") == "value_error" else message
 
 
 async def _validation_handler(request: Request, exc: Exception) -> Response:
@@ -120,7 +137,7 @@ async def _validation_handler(request: Request, exc: Exception) -> Response:
             f"the request body must be JSON: send 'Content-Type: application/json' (got {content_type or 'none'!r})",
             slug="unsupported-media-type",
         )
-    details = [{"location": _location(e["loc"]), "message": e["msg"]} for e in errors]
+    details = [{"location": _location(e["loc"]), "message": _message(e)} for e in errors]
     summary = "; ".join(f"{d['location']}: {d['message']}" for d in details[:5])
     return problem(422, summary, slug="validation-error", errors=details)
 

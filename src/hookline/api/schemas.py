@@ -38,6 +38,21 @@ _REQUIRED_INPUT: dict[JobOperation, tuple[str, type | tuple[type, ...]]] = {
     JobOperation.EMBEDDINGS: ("input", (str, list)),
     JobOperation.IMAGES_GENERATIONS: ("prompt", str),
 }
+_JSON_KIND: dict[type, str] = {list: "an array", str: "a string", dict: "an object"}
+
+
+def _json_kind(value: object) -> str:
+    """How JSON names ``value``'s type, for an error message."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    for kind, name in _JSON_KIND.items():
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
 # Any other operation is a passthrough one (hookline.jobs.Operation): an upstream must declare it.
 PassthroughOperation = Annotated[
     str,
@@ -152,8 +167,17 @@ class JobCreate(BaseModel):
     def _check(self) -> JobCreate:
         field, kind = _REQUIRED_INPUT.get(self.operation, ("", object))  # type: ignore[call-overload]
         value = self.input.get(field) if field else None
-        if field and (not isinstance(value, kind) or (isinstance(value, list) and not value)):
+        if field and value is None:
             raise ValueError(f"input.{field} is required for {self.operation}")
+        if field and not isinstance(value, kind):
+            kinds = " or ".join(
+                _JSON_KIND[k] for k in (kind if isinstance(kind, tuple) else (kind,))
+            )
+            raise ValueError(
+                f"input.{field} must be {kinds} for {self.operation}, not {_json_kind(value)}"
+            )
+        if isinstance(value, list) and not value:
+            raise ValueError(f"input.{field} must not be empty")
         if (
             isinstance(value, list)
             and field == "messages"
