@@ -78,6 +78,21 @@ async def test_validation_errors_speak_of_the_callers_fields(live: LiveGateway) 
     await assert_no_jobs(live)
 
 
+async def test_an_empty_json_body_is_400_like_malformed_json(live: LiveGateway) -> None:
+    empty = await live.client.post(
+        "/v1/jobs", content=b"", headers={"Content-Type": "application/json"}
+    )
+    body = assert_problem(empty, 400, "the request body is empty")
+    assert body["type"] == "urn:hookline:problem:malformed-json"
+    await assert_no_jobs(live)
+
+
+async def test_a_webhook_url_that_is_not_a_url_says_so(live: LiveGateway) -> None:
+    refused = await live.client.post("/v1/webhook-endpoints", json={"url": "not a url"})
+    assert_problem(refused, 422, "'not a url' is not a URL")
+    assert (await live.client.get("/v1/webhook-endpoints")).json()["data"] == []
+
+
 async def test_malformed_json_is_400(live: LiveGateway) -> None:
     response = await live.client.post(
         "/v1/jobs", content=b'{"operation": ', headers={"Content-Type": "application/json"}

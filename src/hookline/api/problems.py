@@ -131,6 +131,10 @@ async def _validation_handler(request: Request, exc: Exception) -> Response:
         )
         return problem(400, f"the request body is not valid JSON: {message}", slug="malformed-json")
     content_type = request.headers.get("content-type", "")
+    if any(e["loc"] == ("body",) and e["type"] == "missing" for e in errors) and (
+        "json" in content_type
+    ):  # an empty body is no more JSON than a malformed one
+        return problem(400, "the request body is empty: send a JSON object", slug="malformed-json")
     if any(e["loc"] == ("body",) for e in errors) and "json" not in content_type:
         return problem(
             415,

@@ -95,8 +95,10 @@ def _split(url: str) -> tuple[str, int]:
         parts = urlsplit(url)
     except ValueError as exc:  # an unclosed "[" of an IPv6 address, say
         raise InvalidRequest(f"webhook URL {url!r} is not a URL: {exc}") from exc
+    if not parts.scheme:
+        raise InvalidRequest(f"webhook URL {url[:200]!r} is not a URL (like https://host/path)")
     if parts.scheme not in ("http", "https"):
-        raise InvalidRequest(f"webhook URLs must be http or https, not {parts.scheme or 'none'!r}")
+        raise InvalidRequest(f"webhook URLs must be http or https, not {parts.scheme!r}")
     if not parts.hostname:
         raise InvalidRequest(f"webhook URL {url!r} has no host")
     _check_host_name(parts.hostname)
