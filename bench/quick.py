@@ -129,7 +129,8 @@ CHECKS = [
           lambda f: f"metrics off: {f['SQLite, metrics off']['rps']:,.0f}/s", "%", 0.95, 0.75),
     # Short runs of the same code (two checkouts alternately, 2026-12-06) spread widely: stream
     # time with metrics on vs off 0.83-1.52x, c=1 TTFT overhead p50 2.4-3.7 ms (Anthropic
-    # 2.8-5.4 ms), c=100 p50 -20 to +23 ms. The floors sit beyond that spread.
+    # 2.8-5.4 ms), c=100 p50 -20 to +39 ms (a difference of two noisy medians). The floors sit
+    # beyond that spread.
     Check("stream time, metrics on vs off, c=100", "streams",
           lambda f: f["metrics_on_vs_off_c100"], lambda f: "metrics off, same round", "x",
           1.05, 1.75, False),
@@ -139,7 +140,7 @@ CHECKS = [
           lambda f: f["anthropic_ttft_overhead_p50_ms_c1"],
           lambda f: f"direct: {f['anthropic_direct_ttft_p50_ms_c1']:.1f} ms", "ms", 2.0, 8.0, False),
     Check("TTFT overhead p50, c=100", "streams", lambda f: f["ttft_overhead_p50_ms_c100"],
-          lambda f: f"direct: {f['direct_ttft_p50_ms_c100']:.1f} ms", "ms", 5.0, 50.0, False),
+          lambda f: f"direct: {f['direct_ttft_p50_ms_c100']:.1f} ms", "ms", 5.0, 100.0, False),
     # The tail of 200 streams on two shared cores: 43-403 ms measured in one hour of the same
     # code (docs/benchmarks.md); a floor at 100 ms failed CI on noise alone.
     Check("TTFT overhead p99, c=100", "streams", lambda f: f["ttft_overhead_p99_ms_c100"],
