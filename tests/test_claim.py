@@ -363,6 +363,8 @@ async def test_keys_with_limits_cost_the_same_statements_whatever_their_number(
     assert len([s for s in executed if "api_keys" in s]) == 1  # only the walk's look
 
 
+# SQLite only: PostgreSQL plans from the statistics its autovacuum keeps.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_claim_never_walks_a_limited_tenants_finished_jobs(
     store: SQLStore, database_url: str
 ) -> None:
@@ -371,8 +373,6 @@ async def test_a_claim_never_walks_a_limited_tenants_finished_jobs(
     ``tenant IN (...)`` filter made the planner walk ix_jobs_tenant_id, every finished job of
     the tenant, on every claim: 60 ms a claim at 300,000 jobs. Checked by the plan of every
     statement a limited claim runs, so the figure of no machine matters."""
-    if not database_url.startswith("sqlite"):
-        pytest.skip("PostgreSQL plans from the statistics autovacuum keeps")
     import sqlite3
 
     limited = FairPolicy(
