@@ -104,9 +104,12 @@ _ERROR_STATUS: list[tuple[type[HooklineError], int, str]] = [
 
 # The steps pydantic adds to an error's location inside a union or a validator chain
 # ("str-enum[JobOperation]", "constrained-str", "function-after[...]"): not the caller's fields.
+# Each carries its bracketed argument but the bare constrained-*: a field named "union" or
+# "default" stays in the location.
 _VALIDATOR_STEP = re.compile(
     r"(function-(after|before|wrap|plain)|(str|int)-enum|enum|union|tagged-union|chain|nullable"
-    r"|lax-or-strict|json-or-python|default|constrained-\w+|is-instance|literal)(\[.*\])?"
+    r"|lax-or-strict|json-or-python|default|is-instance|literal|model|dataclass)\[.*\]"
+    r"|constrained-[a-z]+"
 )
 
 

@@ -181,10 +181,10 @@ _CLAIM_IDS = {
     .returning(*jobs.c),
 }
 
-# Running jobs of some tenants, on every upstream (a batch's anchor row is no job).
-# Every tenant's running jobs, one pass over the running jobs (a seek in ix_jobs_claim); the
-# caller keeps the limited tenants'. Not filtered by tenant: on SQLite without statistics a
-# ``tenant IN (...)`` made the planner walk ix_jobs_tenant_id, the tenants' whole history.
+# Every tenant's running jobs, on every upstream (a batch's anchor row is no job): one pass over
+# the running jobs (a seek in ix_jobs_claim); the caller keeps the limited tenants'. Not filtered
+# by tenant: on SQLite without statistics a ``tenant IN (...)`` made the planner walk
+# ix_jobs_tenant_id, the tenants' whole history.
 _TENANTS_RUNNING = (
     sa.select(jobs.c.tenant, sa.func.count())
     .where(jobs.c.status == _RUNNING, jobs.c.operation != Operation.BATCH.value)
