@@ -207,7 +207,6 @@ class LlamaUpstream(Upstream):
     def _stream(
         self, model: Any, operation: Operation, body: dict[str, Any]
     ) -> Iterator[dict[str, Any]]:
-        self._tokens.prompt = self._tokens.completion = 0
         keys = _CHAT_KEYS if operation is Operation.CHAT_COMPLETIONS else _COMPLETION_KEYS
         kwargs = {k: v for k, v in body.items() if k in keys}
         kwargs.setdefault("max_tokens", _DEFAULT_MAX_TOKENS)
