@@ -456,8 +456,6 @@ class Worker:
         except Exception as exc:  # (a half-streamed tool call that is not JSON yet)
             log.info("job %s: its output so far could not be assembled: %s", running.job.id, exc)
             return
-        if not output.get("choices"):  # cancelled before its first chunk: none, not an empty one
-            return
         job = running.job
         await self._record(lambda: self.queue.keep_cancelled_output(job, output))
 
